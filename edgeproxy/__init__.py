@@ -1,0 +1,2 @@
+"""edgeproxy: a Kubernetes ingress data plane."""
+__version__ = "0.1.0"
