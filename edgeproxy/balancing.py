@@ -1,0 +1,232 @@
+"""Load balancers behind one small interface, and the health-aware selection around them.
+
+A balancer is built once per cluster per table from an immutable tuple of endpoints and only
+proposes; `choose` decides with an `accept` check that keeps health (ejection, panic mode,
+"not the endpoint that just failed") out of the algorithms, as Pingora's select_with does.
+
+Writing one (registered through the entry-point group ``edgeproxy.balancers``)::
+
+    class Random:
+        def __init__(self, hosts, options):
+            self.hosts = hosts
+
+        def pick(self, request, accept=None):
+            for host in random.sample(self.hosts, len(self.hosts)):
+                if accept is None or accept(host):
+                    return host
+            return None
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Protocol
+
+from edgeproxy.health import EndpointState
+
+if TYPE_CHECKING:
+    from edgeproxy.routing import Cluster, EndpointKey
+
+log = logging.getLogger("edgeproxy.balancing")
+
+Accept = Callable[[EndpointState], bool]
+
+
+class RequestView(Protocol):
+    """What a balancer may read of the request (the downstream exchange implements it)."""
+
+    client_ip: str
+    path: str
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+
+class Balancer(Protocol):
+    def __init__(self, hosts: Sequence[EndpointState], options: Mapping[str, Any]) -> None: ...
+
+    def pick(self, request: RequestView, accept: Accept | None = None) -> EndpointState | None: ...
+
+
+class RoundRobin:
+    """Even spread; each worker starts at a random offset so workers do not march in step."""
+
+    __slots__ = ("hosts", "n", "next")
+
+    def __init__(self, hosts: Sequence[EndpointState], options: Mapping[str, Any]) -> None:
+        self.hosts = tuple(hosts)
+        self.n = len(self.hosts)
+        self.next = random.randrange(self.n) if self.n else 0
+
+    def pick(self, request: RequestView, accept: Accept | None = None) -> EndpointState | None:
+        n = self.n
+        if not n:
+            return None
+        i = self.next
+        self.next = i + 1 if i + 1 < n else 0
+        host = self.hosts[i]
+        if accept is None or accept(host):
+            return host
+        for step in range(1, n):
+            host = self.hosts[(i + step) % n]
+            if accept(host):
+                self.next = (i + step + 1) % n
+                return host
+        return None
+
+
+class LeastConnections:
+    """Fewest requests in flight; ties at random. Power of two choices above FULL_SCAN_MAX."""
+
+    FULL_SCAN_MAX = 16  # below this a full scan is cheap and exact
+    __slots__ = ("hosts", "n")
+
+    def __init__(self, hosts: Sequence[EndpointState], options: Mapping[str, Any]) -> None:
+        self.hosts = tuple(hosts)
+        self.n = len(self.hosts)
+
+    def pick(self, request: RequestView, accept: Accept | None = None) -> EndpointState | None:
+        n = self.n
+        if not n:
+            return None
+        if n > self.FULL_SCAN_MAX:
+            a = self.hosts[random.randrange(n)]
+            b = self.hosts[random.randrange(n)]
+            best = a if a.in_flight <= b.in_flight else b
+            if accept is None or accept(best):
+                return best
+        best = None
+        ties = 0
+        start = random.randrange(n)  # random start + strict "<" = random tie-breaking
+        for step in range(n):
+            host = self.hosts[(start + step) % n]
+            if accept is not None and not accept(host):
+                continue
+            if best is None or host.in_flight < best.in_flight:
+                best, ties = host, 1
+            elif host.in_flight == best.in_flight:
+                ties += 1
+                if random.randrange(ties) == 0:
+                    best = host
+        return best
+
+
+VNODES_PER_HOST = 160  # ketama's default; keeps load within a few percent of even
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+@lru_cache(maxsize=256)
+def _ring(keys: tuple[EndpointKey, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(sorted point hashes, index of the host owning each point); cached per endpoint set."""
+    points = sorted(
+        (_hash64(f"{addr}:{port}-{v}".encode()), i)
+        for i, (addr, port) in enumerate(keys)
+        for v in range(VNODES_PER_HOST)
+    )
+    return tuple(p for p, _ in points), tuple(i for _, i in points)
+
+
+class ConsistentHash:
+    """Ring hash with virtual nodes: a key keeps its endpoint; only a leaving endpoint's keys move.
+
+    hash_by: client-ip (default; kube-proxy sessionAffinity: ClientIP), header:NAME,
+    cookie:NAME or path. A request without the key falls back to its client IP.
+    """
+
+    __slots__ = ("hosts", "points", "owners", "source", "name")
+
+    def __init__(self, hosts: Sequence[EndpointState], options: Mapping[str, Any]) -> None:
+        self.hosts = tuple(hosts)
+        self.points, self.owners = _ring(tuple(h.key for h in self.hosts))
+        spec = str(options.get("hash_by", "client-ip"))
+        self.source, _, name = spec.partition(":")
+        self.name = name.lower().encode("latin-1")
+
+    def key_of(self, request: RequestView) -> bytes:
+        if self.source == "header":
+            value = request.header(self.name)
+            if value is not None:
+                return value
+        elif self.source == "cookie":
+            cookies = request.header(b"cookie")
+            if cookies is not None:
+                for part in cookies.split(b";"):
+                    k, _, v = part.strip().partition(b"=")
+                    if k.lower() == self.name:
+                        return v
+        elif self.source == "path":
+            return request.path.encode("latin-1", "replace")
+        return request.client_ip.encode()
+
+    def pick(self, request: RequestView, accept: Accept | None = None) -> EndpointState | None:
+        if not self.hosts:
+            return None
+        points = self.points
+        i = bisect.bisect(points, _hash64(self.key_of(request)))
+        count = len(points)
+        if accept is None:
+            return self.hosts[self.owners[i % count]]
+        # Walk the ring to the next acceptable owner: the keys of an ejected host spread out.
+        seen = 0
+        for step in range(count):
+            host = self.hosts[self.owners[(i + step) % count]]
+            if accept(host):
+                return host
+            seen += 1
+            if seen > len(self.hosts) * VNODES_PER_HOST:
+                break
+        return None
+
+
+BUILTIN: dict[str, type[Any]] = {
+    "round_robin": RoundRobin,
+    "least_conn": LeastConnections,
+    "hash": ConsistentHash,
+}
+
+
+def load_balancers() -> dict[str, type[Any]]:
+    """Built-ins plus whatever is registered under the entry-point group edgeproxy.balancers."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="edgeproxy.balancers"):
+        if ep.name in found and ep.value.startswith("edgeproxy.balancing:"):
+            continue
+        try:
+            found[ep.name] = ep.load()
+        except Exception as exc:  # a broken plug-in must not stop the proxy
+            log.error("balancer %r (%s) cannot be loaded: %s", ep.name, ep.value, exc)
+    return found
+
+
+def choose(
+    cluster: Cluster,
+    request: RequestView,
+    now: float,
+    ejected_anywhere: int,
+    panic_percent: float,
+    exclude: EndpointState | None = None,
+) -> EndpointState | None:
+    """Pick an endpoint of the cluster, honouring ejection, panic mode and an excluded host."""
+    balancer = cluster.balancer
+    if balancer is None:
+        return None
+    if not ejected_anywhere and exclude is None:
+        return balancer.pick(request)
+    hosts = cluster.hosts
+    healthy = sum(1 for h in hosts if h.ejected_until <= now)
+    if hosts and healthy * 100 < panic_percent * len(hosts):
+        # Panic mode (Envoy): too few healthy hosts; balance over all rather than fail.
+        def accept(h: EndpointState) -> bool:
+            return h is not exclude
+    else:
+        def accept(h: EndpointState) -> bool:
+            return h.ejected_until <= now and h is not exclude
+    return balancer.pick(request, accept)

@@ -1,0 +1,357 @@
+"""objects -> RouteTable. Pure: no I/O, no clock; the same snapshot always gives the same table.
+
+A bad object is reported as a diagnostic and skipped; it never aborts the rebuild.
+References: networking.k8s.io/v1 Ingress API reference (path types, host wildcards, default
+backend), IngressClass (is-default-class), discovery.k8s.io/v1 EndpointSlice and KEP-1669
+(ready / serving / terminating conditions).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from edgeproxy.config import CONTROLLER_NAME
+from edgeproxy.objects import K8sObject, Snapshot
+from edgeproxy.routing import Cluster, EndpointKey, HostRoutes, Route, RouteTable
+
+DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
+LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ANNOTATION_PREFIX = "edgeproxy.io/"
+PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
+HASH_BY = re.compile(r"^(client-ip|path|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|cookie:[^\s;=,]+)$")
+# RFC 1123 DNS subdomain, optionally with one leading "*." label (Ingress host rules).
+HOST_RE = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsBinding:
+    """spec.tls entry of a served Ingress: these hosts use that Secret's certificate."""
+
+    hosts: tuple[str, ...]
+    secret: tuple[str, str]  # (namespace, name)
+    ingress: str
+
+
+@dataclass(slots=True)
+class CompileResult:
+    table: RouteTable
+    tls: tuple[TlsBinding, ...]
+    diagnostics: list[str] = field(default_factory=list)
+    served_ingresses: tuple[str, ...] = ()
+
+
+def _meta(obj: K8sObject) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _annotations(obj: K8sObject) -> dict[str, str]:
+    ann = _meta(obj).get("annotations")
+    return ann if isinstance(ann, dict) else {}
+
+
+def _spec(obj: K8sObject) -> dict[str, Any]:
+    spec = obj.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def served_classes(snapshot: Snapshot, only_class: str | None) -> tuple[set[str], bool]:
+    """(names of edgeproxy's IngressClasses, whether an Ingress without a class is ours)."""
+    ours: set[str] = set()
+    default = False
+    for (_, _, name), obj in snapshot.of_kind("IngressClass"):
+        if _spec(obj).get("controller") != CONTROLLER_NAME:
+            continue
+        if only_class is not None and name != only_class:
+            continue
+        ours.add(name)
+        if str(_annotations(obj).get(DEFAULT_CLASS_ANNOTATION, "")).lower() == "true":
+            default = True
+    if only_class is not None and not ours:
+        # --ingress-class names a class that has no IngressClass object (yet): serve it by name.
+        ours.add(only_class)
+    return ours, default
+
+
+def is_served(ingress: K8sObject, classes: set[str], default: bool) -> bool:
+    cls = _spec(ingress).get("ingressClassName") or _annotations(ingress).get(
+        LEGACY_CLASS_ANNOTATION
+    )
+    if cls:
+        return cls in classes
+    return default
+
+
+class _Resolver:
+    """Service + port -> Cluster, memoised per compile so Ingresses share clusters."""
+
+    def __init__(self, snapshot: Snapshot, balancers: Collection[str], default_balancer: str):
+        self.services: dict[tuple[str, str], K8sObject] = {}
+        self.slices: dict[tuple[str, str], list[K8sObject]] = {}
+        for (_, ns, name), obj in snapshot.of_kind("Service"):
+            self.services[(ns, name)] = obj
+        for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
+            labels = _meta(obj).get("labels") or {}
+            svc = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+            if svc:
+                self.slices.setdefault((ns, svc), []).append(obj)
+        self.balancers = balancers
+        self.default_balancer = default_balancer
+        self.clusters: dict[tuple[Any, ...], Cluster] = {}
+        self.diagnostics: list[str] = []
+
+    def balancer_of(self, where: str, annotations: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        name = annotations.get(ANNOTATION_PREFIX + "load-balance", self.default_balancer)
+        if name not in self.balancers:
+            self.diagnostics.append(
+                f"Ingress {where}: unknown load-balance {name!r}; using {self.default_balancer}"
+            )
+            name = self.default_balancer
+        options: dict[str, Any] = {}
+        hash_by = annotations.get(ANNOTATION_PREFIX + "hash-by")
+        if hash_by is not None:
+            if HASH_BY.match(hash_by):
+                options["hash_by"] = hash_by
+            else:
+                self.diagnostics.append(
+                    f"Ingress {where}: malformed hash-by {hash_by!r}; using client-ip"
+                )
+        return name, options
+
+    def cluster(
+        self, where: str, namespace: str, backend: Any, annotations: dict[str, str]
+    ) -> Cluster | None:
+        if not isinstance(backend, dict):
+            self.diagnostics.append(f"Ingress {where}: backend is missing")
+            return None
+        service = backend.get("service")
+        if not isinstance(service, dict):
+            if backend.get("resource"):
+                self.diagnostics.append(f"Ingress {where}: resource backends are not supported")
+            else:
+                self.diagnostics.append(f"Ingress {where}: backend names no service")
+            return None
+        svc_name = service.get("name")
+        port = service.get("port") if isinstance(service.get("port"), dict) else {}
+        port_number, port_name = port.get("number"), port.get("name")
+        svc = self.services.get((namespace, svc_name)) if isinstance(svc_name, str) else None
+        if svc is None:
+            self.diagnostics.append(
+                f"Ingress {where}: Service {namespace}/{svc_name} not found; path skipped"
+            )
+            return None
+        balancer, options = self.balancer_of(where, annotations)
+        backend_tls = annotations.get(ANNOTATION_PREFIX + "backend-protocol", "").upper() == "HTTPS"
+        memo = (namespace, svc_name, port_number, port_name, balancer,
+                tuple(sorted(options.items())), backend_tls)  # fmt: skip
+        cached = self.clusters.get(memo)
+        if cached is not None:
+            return cached
+        spec = _spec(svc)
+        svc_ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
+        svc_port = next(
+            (
+                p
+                for p in svc_ports
+                if (port_number is not None and p.get("port") == port_number)
+                or (port_name is not None and p.get("name") == port_name)
+            ),
+            None,
+        )
+        label = f"{namespace}/{svc_name}:{port_number if port_number is not None else port_name}"
+        if spec.get("type") == "ExternalName":
+            target = spec.get("externalName")
+            tport = port_number
+            if svc_port is not None:
+                tp = svc_port.get("targetPort")
+                tport = tp if isinstance(tp, int) else svc_port.get("port")
+            if not isinstance(target, str) or not isinstance(tport, int):
+                self.diagnostics.append(f"Ingress {where}: ExternalName {label} has no name/port")
+                return None
+            keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
+            cluster = Cluster(label, keys, balancer, options, backend_tls, target.rstrip("."))
+        else:
+            if svc_port is None:
+                self.diagnostics.append(
+                    f"Ingress {where}: Service {namespace}/{svc_name} has no port "
+                    f"{port_number if port_number is not None else port_name!r}; path skipped"
+                )
+                return None
+            keys = self.endpoints(namespace, svc_name, svc_port)
+            cluster = Cluster(label, keys, balancer, options, backend_tls)
+        self.clusters[memo] = cluster
+        return cluster
+
+    def endpoints(self, namespace: str, svc_name: str, svc_port: dict[str, Any]) -> tuple[EndpointKey, ...]:  # fmt: skip
+        """Ready endpoints; if none, serving-and-terminating ones (KEP-1669)."""
+        want_name = svc_port.get("name") or ""
+        ready: list[EndpointKey] = []
+        fallback: list[EndpointKey] = []
+        for eps in self.slices.get((namespace, svc_name), []):
+            where = f"EndpointSlice {namespace}/{_meta(eps).get('name')}"
+            if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+                self.diagnostics.append(f"{where}: addressType {eps.get('addressType')!r} skipped")
+                continue
+            port = next(
+                (p.get("port") for p in eps.get("ports") or []
+                 if isinstance(p, dict) and (p.get("name") or "") == want_name),
+                None,
+            )  # fmt: skip
+            if not isinstance(port, int):
+                continue
+            for ep in eps.get("endpoints") or []:
+                if not isinstance(ep, dict):
+                    continue
+                cond = ep.get("conditions") or {}
+                is_ready = cond.get("ready") is not False  # absent counts as ready
+                serving = cond.get("serving", is_ready) is not False
+                terminating = cond.get("terminating") is True
+                for address in ep.get("addresses") or []:
+                    if not isinstance(address, str):
+                        continue
+                    if is_ready and not terminating:
+                        ready.append((address, port))
+                    elif serving and terminating:
+                        fallback.append((address, port))
+        chosen = ready or fallback
+        return tuple(sorted(set(chosen)))
+
+
+def _age_key(item: tuple[Any, K8sObject]) -> tuple[str, str, str]:
+    (_, ns, name), obj = item
+    return (str(_meta(obj).get("creationTimestamp") or ""), ns, name)
+
+
+def _valid_path(path: Any) -> bool:
+    return isinstance(path, str) and path.startswith("/") and " " not in path
+
+
+def compile_routes(
+    snapshot: Snapshot,
+    *,
+    only_class: str | None = None,
+    balancers: Collection[str] = ("round_robin",),
+    default_balancer: str = "round_robin",
+) -> CompileResult:
+    classes, default = served_classes(snapshot, only_class)
+    resolver = _Resolver(snapshot, balancers, default_balancer)
+    diagnostics = resolver.diagnostics
+    groups: dict[str, tuple[dict[str, Route], dict[str, Route]]] = {}
+    default_route: Route | None = None
+    tls: list[TlsBinding] = []
+    served: list[str] = []
+
+    ingresses = sorted(snapshot.of_kind("Ingress"), key=_age_key)
+    for (_, ns, name), ing in ingresses:
+        if not is_served(ing, classes, default):
+            continue
+        where = f"{ns}/{name}"
+        served.append(where)
+        spec = _spec(ing)
+        ann = _annotations(ing)
+        tls_hosts = _tls(spec, ns, where, tls, diagnostics)
+        ssl_redirect = ann.get(ANNOTATION_PREFIX + "ssl-redirect", "true").lower() != "false"
+        hsts = ann.get(ANNOTATION_PREFIX + "hsts")
+        if spec.get("defaultBackend") is not None:
+            cluster = resolver.cluster(where, ns, spec["defaultBackend"], ann)
+            if cluster is not None:
+                if default_route is None:
+                    default_route = Route(where, "", "/", "Prefix", cluster)
+                else:
+                    diagnostics.append(
+                        f"Ingress {where}: defaultBackend conflicts with {default_route.ingress}'s;"
+                        " the older one is kept"
+                    )
+        for rule in spec.get("rules") or []:
+            if not isinstance(rule, dict):
+                continue
+            host = rule.get("host") or ""
+            if not isinstance(host, str) or (host and not HOST_RE.match(host.lower())):
+                diagnostics.append(f"Ingress {where}: invalid host {host!r}; rule skipped")
+                continue
+            host = host.lower()
+            http = rule.get("http") or {}
+            for entry in http.get("paths") or [] if isinstance(http, dict) else []:
+                if not isinstance(entry, dict):
+                    continue
+                path = entry.get("path") or "/"
+                path_type = entry.get("pathType") or "ImplementationSpecific"
+                if path_type not in PATH_TYPES or not _valid_path(path):
+                    diagnostics.append(
+                        f"Ingress {where}: invalid path {path!r} ({path_type}); path skipped"
+                    )
+                    continue
+                cluster = resolver.cluster(where, ns, entry.get("backend"), ann)
+                if cluster is None:
+                    continue
+                # ImplementationSpecific is matched as Prefix (documented in README).
+                kind = "Exact" if path_type == "Exact" else "Prefix"
+                route = Route(
+                    where, host, path, path_type, cluster,
+                    ssl_redirect=ssl_redirect and _covered(host, tls_hosts),
+                    hsts=hsts,
+                )  # fmt: skip
+                exact, prefix = groups.setdefault(host, ({}, {}))
+                table, key = (exact, path) if kind == "Exact" else (prefix, _prefix_key(path))
+                held = table.get(key)
+                if held is not None:
+                    if held.ingress != where:
+                        diagnostics.append(
+                            f"Ingress {where}: {host or '*'} {path} ({kind}) conflicts with "
+                            f"Ingress {held.ingress}; the older one is kept"
+                        )
+                    continue
+                table[key] = route
+
+    exact_hosts: dict[str, HostRoutes] = {}
+    wildcard_hosts: dict[str, HostRoutes] = {}
+    any_host = None
+    for host, (exact, prefix) in groups.items():
+        hr = HostRoutes(MappingProxyType(exact), MappingProxyType(prefix))
+        if host == "":
+            any_host = hr
+        elif host.startswith("*."):
+            wildcard_hosts[host[1:]] = hr
+        else:
+            exact_hosts[host] = hr
+    tls_names = frozenset(h for b in tls for h in b.hosts)
+    table = RouteTable(
+        MappingProxyType(exact_hosts),
+        MappingProxyType(wildcard_hosts),
+        any_host,
+        default_route,
+        tls_names,
+        snapshot.generation,
+    )
+    return CompileResult(table, tuple(tls), diagnostics, tuple(served))
+
+
+def _prefix_key(path: str) -> str:
+    stripped = path.rstrip("/")
+    return stripped or "/"
+
+
+def _covered(host: str, tls_hosts: Iterable[str]) -> bool:
+    return bool(host) and host in tls_hosts
+
+
+def _tls(
+    spec: dict[str, Any], ns: str, where: str, out: list[TlsBinding], diagnostics: list[str]
+) -> set[str]:
+    hosts_here: set[str] = set()
+    for entry in spec.get("tls") or []:
+        if not isinstance(entry, dict):
+            continue
+        hosts = tuple(h.lower() for h in entry.get("hosts") or [] if isinstance(h, str))
+        secret = entry.get("secretName")
+        hosts_here.update(hosts)
+        if not secret:
+            diagnostics.append(f"Ingress {where}: tls entry without secretName uses the default")
+            continue
+        out.append(TlsBinding(hosts, (ns, secret), where))
+    return hosts_here

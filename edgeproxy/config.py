@@ -1,0 +1,48 @@
+"""Typed settings and their defaults.
+
+Defaults follow nginx where a user would compare the two (timeouts, header and body limits)
+and Envoy for outlier detection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+CONTROLLER_NAME = "edgeproxy.io/ingress-controller"
+SERVER_NAME = "edgeproxy"
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    """Envoy's outlier-detection defaults (outlier.rst)."""
+
+    consecutive_gateway_failures: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 10.0
+    panic_threshold_percent: float = 50.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Upstream timeouts (nginx proxy_connect_timeout / proxy_read_timeout).
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    # Downstream: a client that started a request must finish its header section in this time
+    # (nginx client_header_timeout); an idle keep-alive connection is closed after keepalive_timeout.
+    client_header_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    # Idle pooled upstream connections are closed after this (shorter than common backends'
+    # keep-alive timeouts, so we rarely reuse a connection the backend is about to close).
+    upstream_idle_timeout: float = 30.0
+    upstream_max_idle_per_endpoint: int = 64
+    # nginx large_client_header_buffers is 4 x 8k; 32 KiB of header section -> 431 beyond.
+    max_header_bytes: int = 32 * 1024
+    # nginx client_max_body_size defaults to 1m, which surprises users; 0 = unlimited.
+    max_body_bytes: int = 100 * 1024 * 1024
+    # Manifest files are re-read when their mtime changes; checked this often.
+    reload_interval: float = 1.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
+    default_balancer: str = "round_robin"

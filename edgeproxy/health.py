@@ -1,0 +1,143 @@
+"""Per-endpoint state that outlives route-table rebuilds, and passive outlier detection.
+
+Like Envoy's host matching on EDS updates (BaseDynamicClusterImpl::updateDynamicHostList) and
+Pingora's Backends::do_update: an endpoint key that stays keeps its EndpointState (in-flight
+count, failure counters, ejection, idle pooled connections); state goes only with the endpoint.
+Ejection follows Envoy's outlier.rst: consecutive gateway failures eject for
+base_ejection_time x ejections (capped), never more than max_ejection_percent of a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from edgeproxy.config import OutlierSettings
+from edgeproxy.routing import EndpointKey
+
+if TYPE_CHECKING:
+    from edgeproxy.proxy.upstream import UpstreamConnection
+
+log = logging.getLogger("edgeproxy.health")
+
+
+class EndpointState:
+    __slots__ = (
+        "key", "address", "port", "label", "in_flight", "requests", "failures",
+        "consecutive_failures", "ejections", "ejected_until", "idle", "draining",
+    )  # fmt: skip
+
+    def __init__(self, key: EndpointKey) -> None:
+        self.key = key
+        self.address, self.port = key
+        self.label = f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}"
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0  # loop time; 0 = in rotation
+        self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection is reused first
+        self.draining = False  # no live table refers to it any more
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "endpoint": self.label,
+            "in_rotation": self.ejected_until <= now,
+            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
+            "ejections": self.ejections,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "failures": self.failures,
+            "idle_connections": len(self.idle),
+        }
+
+
+class EndpointRegistry:
+    """EndpointKey -> EndpointState, for every endpoint a live table (or a request) still uses."""
+
+    def __init__(self, clock: Callable[[], float], outlier: OutlierSettings) -> None:
+        self.states: dict[EndpointKey, EndpointState] = {}
+        self.clock = clock
+        self.outlier = outlier
+        self.ejected_count = 0  # lets the hot path skip health checks when nothing is ejected
+
+    def get(self, key: EndpointKey) -> EndpointState:
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = EndpointState(key)
+        state.draining = False
+        return state
+
+    def retain(self, live: Iterable[EndpointKey]) -> list[EndpointState]:
+        """Drop the endpoints no live table refers to; close their idle connections.
+
+        Requests in flight to a dropped endpoint finish on their own connection, which is then
+        closed instead of pooled (EndpointState.draining).
+        """
+        keep = set(live)
+        gone = [s for k, s in self.states.items() if k not in keep]
+        for state in gone:
+            del self.states[state.key]
+            state.draining = True
+            state.close_idle()
+            if state.ejected_until > self.clock():
+                self.ejected_count -= 1
+        return gone
+
+    # -- outlier detection -------------------------------------------------------------
+
+    def record_success(self, state: EndpointState) -> None:
+        state.consecutive_failures = 0
+
+    def record_failure(self, state: EndpointState, peers: Sequence[EndpointState]) -> None:
+        """A gateway failure: connect refused, reset, timeout, or 502/503/504 from the upstream."""
+        state.failures += 1
+        state.consecutive_failures += 1
+        settings = self.outlier
+        if state.consecutive_failures < settings.consecutive_gateway_failures:
+            return
+        now = self.clock()
+        if state.ejected_until > now or state.draining:
+            return
+        ejected = sum(1 for p in peers if p.ejected_until > now)
+        cap = max(1, math.floor(len(peers) * settings.max_ejection_percent / 100))
+        if ejected >= cap:
+            log.warning(
+                "endpoint %s: %d consecutive gateway failures, not ejected: %d of %d "
+                "endpoints already ejected (max %.0f%%)",
+                state.label, state.consecutive_failures, ejected, len(peers),
+                settings.max_ejection_percent,
+            )  # fmt: skip
+            return
+        state.ejections += 1
+        duration = min(settings.base_ejection_time * state.ejections, settings.max_ejection_time)
+        state.ejected_until = now + duration
+        state.consecutive_failures = 0
+        self.ejected_count += 1
+        log.warning(
+            "endpoint %s ejected for %.0fs after %d consecutive gateway failures (ejection #%d)",
+            state.label, duration, settings.consecutive_gateway_failures, state.ejections,
+        )  # fmt: skip
+
+    def refresh_ejections(self) -> None:
+        """Return endpoints whose ejection time has passed (called by the periodic sweeper)."""
+        if not self.ejected_count:
+            return
+        now = self.clock()
+        count = 0
+        for state in self.states.values():
+            if state.ejected_until:
+                if state.ejected_until <= now:
+                    state.ejected_until = 0.0
+                    log.warning("endpoint %s returns to rotation", state.label)
+                else:
+                    count += 1
+        self.ejected_count = count

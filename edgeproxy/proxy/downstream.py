@@ -1,0 +1,735 @@
+"""Client side: one HTTP/1.1 connection from a client, and the exchange in progress on it.
+
+Phases of an exchange (Pingora's phase chart, flattened): parse the head -> look up the route
+-> pick an endpoint -> send the head (from the pool, or after connecting) -> stream the request
+body -> stream the response back -> release the upstream connection to the pool.
+
+Writes are coalesced: callbacks append to a buffer, and the buffer is written once at the end
+of each read, so a small exchange costs one read and one write per message per side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import TYPE_CHECKING
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+    parse_url,
+)
+
+from edgeproxy.balancing import choose
+from edgeproxy.proxy.headers import (
+    connection_tokens,
+    downstream_response_head,
+    error_body,
+    local_response,
+    upstream_request_head,
+)
+from edgeproxy.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from edgeproxy.health import EndpointState
+    from edgeproxy.proxy.dataplane import Dataplane
+    from edgeproxy.routing import Route
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+PENDING_BODY_HIGH_WATER = 256 * 1024  # buffered before the upstream is connected, then pause
+GATEWAY_FAILURE_STATUSES = frozenset({502, 503, 504})
+CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+
+# Phases, for the deadline sweep.
+IDLE, READING_HEAD, WAITING_UPSTREAM, STREAMING, CLOSED = range(5)
+
+
+class ClientProtocolError(Exception):
+    """The client broke HTTP/1.1; answer `status` and close (h11 style)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    def __init__(self, dp: Dataplane, scheme: bytes, port: bytes) -> None:
+        self.dp = dp
+        self.scheme = scheme
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_bytes = b""
+        self.trusted_peer = False
+        self.phase = IDLE
+        self.deadline = 0.0
+        self.wbuf: list[bytes] = []
+        self.queued: list[tuple[object, tuple[object, ...]]] | None = None  # pipelined events
+        self.read_paused_by: set[str] = set()
+        self.upstream: UpstreamConnection | None = None
+        self.tunnel_rest = b""
+        self.upgrading = False  # the client asked to upgrade; bytes after the head wait
+        self.seq = 0  # exchange number on this connection, so late connects know they are late
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.seq += 1
+        self.active = False
+        self.method = b""
+        self.url = b""
+        self.path = ""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lowered: list[bytes] = []
+        self.header_bytes = 0
+        self.host_header: bytes | None = None
+        self.host_count = 0
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.has_body = False
+        self.chunked = False
+        self.content_length = 0
+        self.body_received = 0
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.xff: bytes | None = None
+        self.xf_proto: bytes | None = None
+        self.has_request_id = False
+        self.keep_alive = True
+        self.http10 = False
+        self.route: Route | None = None
+        self.endpoint: EndpointState | None = None
+        self.tried: EndpointState | None = None
+        self.attempts = 0
+        self.stale_retry = False
+        self.up_head = b""
+        self.up_ready = False  # head written to the upstream; body goes straight through
+        self.up_wbuf: list[bytes] = []
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.body_sent = False
+        self.req_done = False
+        self.resp_started = False
+        self.resp_done = False
+        self.resp_chunked = False
+        self.resp_close = False
+        self.status = 0
+        self.discarding = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.client_ip_bytes = self.client_ip.encode()
+        proxies = self.dp.settings.trusted_proxies
+        if proxies:
+            ip = ipaddress.ip_address(self.client_ip)
+            self.trusted_peer = any(ip in net for net in proxies)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.dp.connections.add(self)
+        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is not None and self.upstream.tunnel:
+            self.upstream.write(data)
+            return
+        if self.phase == CLOSED:
+            return
+        if self.upgrading:
+            self.tunnel_rest += data
+            return
+        if self.phase == IDLE:
+            self.phase = READING_HEAD
+            self.deadline = self.dp.now + self.dp.settings.client_header_timeout
+        elif self.phase != READING_HEAD:
+            self.deadline = self.dp.now + self.dp.settings.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self.tunnel_rest = data[upgrade.args[0] :]
+            if self.phase != CLOSED and self.upgrade is not None:
+                self.upgrading = True
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ClientProtocolError):
+                self.fail_client(cause.status)
+            else:
+                raise
+        except HttpParserError:
+            self.fail_client(400)
+        else:
+            if self.phase == READING_HEAD and self.header_bytes > self.dp.settings.max_header_bytes:
+                self.fail_client(431)
+        self.flush_upstream()
+        self.flush_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.dp.connections.discard(self)
+        upstream = self.upstream
+        if upstream is not None:
+            # The client left mid-exchange: the upstream's answer has nowhere to go.
+            self.upstream = None
+            upstream.abort()
+            self._release_endpoint()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def upstream_paused(self, paused: bool) -> None:
+        self._pause_reading("upstream", paused)
+
+    def _pause_reading(self, reason: str, paused: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if paused:
+            if not self.read_paused_by:
+                transport.pause_reading()
+            self.read_paused_by.add(reason)
+        elif reason in self.read_paused_by:
+            self.read_paused_by.discard(reason)
+            if not self.read_paused_by and self.phase != CLOSED:
+                transport.resume_reading()
+
+    # -- httptools callbacks: the request ------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.active or self.queued is not None:
+            # Pipelined request while one is in flight: record its events for later.
+            self._queue(self.on_message_begin, ())
+            return
+        self.active = True
+        self.phase = READING_HEAD
+
+    def _queue(self, method: object, args: tuple[object, ...]) -> None:
+        if self.queued is None:
+            self.queued = []
+            self._pause_reading("pipelined", True)
+        self.queued.append((method, args))
+
+    def on_url(self, url: bytes) -> None:
+        if self.queued is not None:
+            self._queue(self.on_url, (url,))
+            return
+        self.url += url
+        self.header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.queued is not None:
+            self._queue(self.on_header, (name, value))
+            return
+        lname = name.lower()
+        self.headers.append((name, value))
+        self.lowered.append(lname)
+        self.header_bytes += len(name) + len(value) + 4
+        first = lname[0]
+        if first == 104 and lname == b"host":  # h
+            self.host_header = value
+            self.host_count += 1
+        elif first == 99 and lname == b"connection":  # c
+            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+        elif first == 120:  # x
+            if lname == b"x-forwarded-for":
+                self.xff = value if self.xff is None else self.xff + b", " + value
+            elif lname == b"x-request-id":
+                self.has_request_id = True
+            elif lname == b"x-forwarded-proto":
+                self.xf_proto = value
+        elif first == 101 and lname == b"expect":  # e
+            if value.lower() == b"100-continue":
+                self.expect_continue = True
+            else:
+                raise ClientProtocolError(417, "unsupported expectation")
+        elif first == 117 and lname == b"upgrade":  # u
+            self.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        if self.queued is not None:
+            self._queue(self.on_headers_complete, ())
+            return
+        dp = self.dp
+        settings = dp.settings
+        if self.header_bytes > settings.max_header_bytes:
+            raise ClientProtocolError(431, "header section too large")
+        parser = self.parser
+        self.method = parser.get_method()
+        self.http10 = parser.get_http_version() == "1.0"
+        self.keep_alive = parser.should_keep_alive() and not dp.draining
+        self.phase = WAITING_UPSTREAM
+        self.deadline = dp.now + settings.read_timeout
+        if self.host_count > 1 or (self.host_count == 0 and not self.http10):
+            raise ClientProtocolError(400, "a request needs exactly one Host (RFC 9112 3.2)")
+        # Framing of the request body (RFC 9112 6.3); llhttp already rejected CL + TE.
+        length = parser_content_length(self.headers, self.lowered)
+        self.chunked = b"transfer-encoding" in self.lowered
+        self.content_length = length
+        self.has_body = self.chunked or length > 0
+        if settings.max_body_bytes and length > settings.max_body_bytes:
+            raise ClientProtocolError(413, "request body over the limit")
+
+        url = self.url
+        host = self.host_header or b""
+        if url[:1] != b"/":
+            if url == b"*" and self.method == b"OPTIONS":
+                self.respond_local(200, b"")
+                return
+            try:
+                parsed = parse_url(url)
+            except HttpParserError:
+                raise ClientProtocolError(400, "invalid request target") from None
+            if parsed.host:  # absolute-form: its authority overrides Host (RFC 9112 3.2.2)
+                host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+            self.url = url
+        if self.host_header is None:  # HTTP/1.0 without Host; the upstream speaks 1.1
+            self.headers.append((b"Host", host or b"localhost"))
+            self.lowered.append(b"host")
+        qmark = url.find(b"?")
+        raw_path = url if qmark < 0 else url[:qmark]
+        try:
+            self.path = path = raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            raise ClientProtocolError(400, "request target is not ASCII") from None
+        route = dp.table.lookup(_host_name(host), path)
+        self.route = route
+        if route is None:
+            self.respond_local(404, error_body(404))
+            return
+        if route.ssl_redirect and self.scheme == b"http":
+            location = b"https://" + _host_name(host).encode() + url
+            self.respond_local(308, b"", extra=[(b"Location", location)])
+            return
+        forwarded_for = self.client_ip_bytes
+        proto = self.scheme
+        if self.trusted_peer:
+            if self.xff is not None:
+                forwarded_for = self.xff + b", " + forwarded_for
+                self.client_ip = self.xff.split(b",")[-1].strip().decode("latin-1")
+            if self.xf_proto is not None:
+                proto = self.xf_proto
+        if self.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif length or self.method in (b"POST", b"PUT", b"PATCH"):
+            framing = b"Content-Length: %d\r\n" % length
+        else:
+            framing = b""
+        upgrade = self.upgrade if (self.upgrade and b"upgrade" in self.conn_tokens) else None
+        self.up_head = upstream_request_head(
+            self.method, url, self.headers, self.lowered, self.conn_tokens,
+            host=host or None, forwarded_for=forwarded_for, proto=proto, port=self.port,
+            request_id=None if self.has_request_id else dp.request_id(),
+            framing=framing, upgrade=upgrade,
+        )  # fmt: skip
+        if self.expect_continue and self.has_body and not self.http10:
+            self.wbuf.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._start_attempt(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.queued is not None:
+            self._queue(self.on_body, (body,))
+            return
+        self.body_received += len(body)
+        if self.discarding:
+            return
+        limit = self.dp.settings.max_body_bytes
+        if limit and self.body_received > limit:
+            raise ClientProtocolError(413, "request body over the limit")
+        if self.chunked:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        if self.up_ready:
+            self.up_wbuf.append(body)
+            self.body_sent = True
+        else:
+            self.pending.append(body)
+            self.pending_bytes += len(body)
+            if self.pending_bytes > PENDING_BODY_HIGH_WATER:
+                self._pause_reading("connecting", True)
+
+    def on_message_complete(self) -> None:
+        if self.queued is not None:
+            self._queue(self.on_message_complete, ())
+            return
+        if self.phase == CLOSED:
+            return
+        self.req_done = True
+        if self.chunked and not self.discarding:
+            if self.up_ready:
+                self.up_wbuf.append(b"0\r\n\r\n")
+            else:
+                self.pending.append(b"0\r\n\r\n")
+        if self.resp_done:
+            self._finish()
+
+    # -- choosing and reaching an endpoint -------------------------------------------
+
+    def _start_attempt(self, exclude: EndpointState | None) -> None:
+        route = self.route
+        assert route is not None
+        dp = self.dp
+        cluster = route.cluster
+        endpoint = choose(
+            cluster, self, dp.now, dp.registry.ejected_count,
+            dp.settings.outlier.panic_threshold_percent, exclude,
+        )  # fmt: skip
+        if endpoint is None:
+            self.respond_local(503, error_body(503))
+            return
+        self.attempts += 1
+        self.endpoint = endpoint
+        endpoint.in_flight += 1
+        endpoint.requests += 1
+        idle = endpoint.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                self._attach(conn)
+                return
+        self.phase = WAITING_UPSTREAM
+        self.deadline = dp.now + dp.settings.connect_timeout
+        dp.loop.create_task(self._connect(endpoint, cluster.upstream_tls))
+
+    async def _connect(self, endpoint: EndpointState, tls: bool) -> None:
+        dp = self.dp
+        seq = self.seq
+        dp.upstream_connects += 1
+        try:
+            _, conn = await dp.loop.create_connection(
+                lambda: UpstreamConnection(endpoint),
+                endpoint.address,
+                endpoint.port,
+                ssl=dp.upstream_ssl if tls else None,
+                server_hostname=endpoint.address if tls else None,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            if self.seq == seq and self.endpoint is endpoint and self.phase == WAITING_UPSTREAM:
+                self._upstream_failed(endpoint, f"connect: {exc}", body_sent=False)
+            return
+        if (self.seq != seq or self.endpoint is not endpoint or self.phase != WAITING_UPSTREAM
+                or self.upstream):  # fmt: skip
+            conn.close()  # the exchange timed out or the client left meanwhile
+            return
+        try:
+            sock = conn.transport.get_extra_info("socket") if conn.transport else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._attach(conn)
+        self.flush_upstream()
+        self.flush_client()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.begin(self, skip_body=self.method == b"HEAD")
+        self.phase = WAITING_UPSTREAM
+        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.up_ready = True
+        self.up_wbuf.append(self.up_head)
+        if self.pending:
+            self.up_wbuf.extend(self.pending)
+            self.body_sent = True
+            self.pending = []
+            self.pending_bytes = 0
+            self._pause_reading("connecting", False)
+
+    def flush_upstream(self) -> None:
+        buf = self.up_wbuf
+        if buf and self.upstream is not None:
+            self.upstream.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
+
+    def flush_client(self) -> None:
+        buf = self.wbuf
+        if buf and self.transport is not None:
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
+        if self.phase == CLOSED and self.transport is not None:
+            self.transport.close()
+
+    # -- events from the upstream connection ---------------------------------------
+
+    def response_informational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
+        # 100 was answered by edgeproxy already; other 1xx (103 Early Hints) pass to 1.1 clients.
+        if status != 100 and not self.http10:
+            self.wbuf.append(downstream_response_head(status, reason, headers, frozenset(), b"", b""))  # fmt: skip
+
+    def response_head(
+        self,
+        conn: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        no_body: bool,
+    ) -> None:
+        self.phase = STREAMING
+        self.resp_started = True
+        self.status = status
+        close = not self.keep_alive
+        if no_body:
+            framing = b"Content-Length: %s\r\n" % conn.content_length if (
+                conn.content_length is not None and self.method == b"HEAD") else b""  # fmt: skip
+        elif conn.content_length is not None and not conn.chunked:
+            framing = b"Content-Length: %s\r\n" % conn.content_length
+        elif self.http10:
+            framing = b""  # an HTTP/1.0 client reads until close
+            close = True
+        else:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self.resp_chunked = True
+        if close:
+            self.keep_alive = False
+            connection = b"Connection: close\r\n"
+        else:
+            connection = CONNECTION_KEEP_ALIVE if self.http10 else b""
+        self.wbuf.append(
+            downstream_response_head(status, reason, headers, conn.conn_tokens, framing, connection)
+        )
+
+    def response_body(self, body: bytes) -> None:
+        if self.resp_chunked:
+            self.wbuf.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.wbuf.append(body)
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        if self.resp_chunked:
+            self.wbuf.append(b"0\r\n\r\n")
+        self.resp_done = True
+        endpoint = self.endpoint
+        if endpoint is not None:
+            if self.status in GATEWAY_FAILURE_STATUSES:
+                self.dp.registry.record_failure(endpoint, self.route.cluster.hosts)  # type: ignore[union-attr]
+            else:
+                endpoint.consecutive_failures = 0
+        self.upstream = None
+        conn.exchange = None
+        if conn.reusable and self.req_done and not endpoint.draining:  # type: ignore[union-attr]
+            conn.idle_since = self.dp.now
+            idle = conn.endpoint.idle
+            if len(idle) < self.dp.settings.upstream_max_idle_per_endpoint:
+                idle.append(conn)
+            else:
+                conn.close()
+        else:
+            conn.close()
+            if not self.req_done:
+                # Upstream answered before the body ended: read and drop the rest (nginx's
+                # lingering discard) so the connection stays usable for the next request.
+                self.discarding = True
+        self._release_endpoint()
+        if self.req_done:
+            self._finish()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """101 Switching Protocols: from here on both connections are a byte tunnel."""
+        conn = self.upstream
+        assert conn is not None
+        head = downstream_response_head(101, conn.reason or b"Switching Protocols", conn.headers,
+                                        frozenset(), b"", b"")  # fmt: skip
+        # downstream_response_head drops Upgrade/Connection as hop-by-hop: put them back.
+        head = head[:-2] + b"Connection: upgrade\r\nUpgrade: " + (self.upgrade or b"") + b"\r\n\r\n"
+        self.wbuf.append(head)
+        if rest:
+            self.wbuf.append(rest)
+        self.phase = STREAMING
+        self.deadline = 0.0  # tunnels idle as long as both ends want
+        self.status = 101
+        if self.tunnel_rest:
+            conn.write(self.tunnel_rest)
+            self.tunnel_rest = b""
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_broken(self, conn: UpstreamConnection, reason: str) -> None:
+        conn.abort()
+        self.upstream_lost(conn, ConnectionError(reason))
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed or failed while this exchange used it."""
+        if self.upstream is not conn:
+            return
+        self.upstream = None
+        conn.exchange = None
+        if conn.tunnel:
+            self._release_endpoint()
+            self._close_client()
+            return
+        if self.resp_started:
+            # Part of the response went out: the only honest signal left is to cut the client.
+            self._release_endpoint()
+            self._close_client()
+            return
+        endpoint = self.endpoint
+        assert endpoint is not None
+        if conn.reused and not conn.received and not self.stale_retry and not self.body_sent:
+            # A pooled connection the upstream had closed meanwhile: not the endpoint's fault.
+            self.stale_retry = True
+            self.up_ready = False
+            self.up_wbuf.clear()
+            endpoint.in_flight -= 1
+            endpoint.requests -= 1
+            self.attempts -= 1
+            self._start_attempt_same(endpoint)
+            return
+        self._upstream_failed(endpoint, f"reset: {exc}", body_sent=self.body_sent)
+
+    def _start_attempt_same(self, endpoint: EndpointState) -> None:
+        self.attempts += 1
+        endpoint.in_flight += 1
+        endpoint.requests += 1
+        self.phase = WAITING_UPSTREAM
+        self.deadline = self.dp.now + self.dp.settings.connect_timeout
+        self.dp.loop.create_task(self._connect(endpoint, self.route.cluster.upstream_tls))  # type: ignore[union-attr]
+
+    def _upstream_failed(self, endpoint: EndpointState, reason: str, body_sent: bool, timeout: bool = False) -> None:  # fmt: skip
+        route = self.route
+        assert route is not None
+        self.dp.registry.record_failure(endpoint, route.cluster.hosts)
+        self._release_endpoint()
+        self.up_ready = False
+        self.up_wbuf.clear()
+        retryable = (self.method in IDEMPOTENT or not self.has_body) and not body_sent
+        if retryable and self.attempts < 2 and len(route.cluster.hosts) > 1 and not timeout:
+            self.dp.retries += 1
+            self.tried = endpoint
+            self._start_attempt(endpoint)
+            self.flush_upstream()
+            self.flush_client()
+            return
+        self.respond_local(504 if timeout else 502, error_body(504 if timeout else 502))
+        self.flush_client()
+
+    def _release_endpoint(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.endpoint = None
+
+    # -- local answers and the end of an exchange --------------------------------------
+
+    def respond_local(self, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+        """Answer from edgeproxy itself; the rest of the request body is read and dropped."""
+        self.status = status
+        self.resp_started = self.resp_done = True
+        self.discarding = True
+        self.pending = []
+        close = not self.keep_alive or (self.has_body and not self.req_done and
+                                        self.content_length > self.dp.settings.max_header_bytes)  # fmt: skip
+        if close:
+            self.keep_alive = False
+        extra = list(extra or ())
+        if self.http10 and not close:
+            extra.append((b"Connection", b"keep-alive"))
+        self.wbuf.append(
+            local_response(status, body, self.dp.date.at_now(), close=close, extra=extra,
+                           head_only=self.method == b"HEAD")  # fmt: skip
+        )
+        if self.req_done or close:
+            self._finish()
+
+    def fail_client(self, status: int) -> None:
+        """Malformed or over-limit request: answer `status` and close (RFC 9112 11.2)."""
+        if self.phase == CLOSED:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.abort()
+            self._release_endpoint()
+        if not self.resp_started:
+            self.status = status
+            self.wbuf.append(local_response(status, error_body(status), self.dp.date.at_now(), close=True))  # fmt: skip
+        self._count()
+        self._close_client()
+
+    def _close_client(self) -> None:
+        self.phase = CLOSED
+        self.dp.connections.discard(self)
+        self.flush_client()
+
+    def _count(self) -> None:
+        self.dp.status_counts[self.status] += 1
+
+    def _finish(self) -> None:
+        if self.phase == CLOSED:
+            return
+        self._count()
+        if not self.keep_alive or self.upgrading:
+            self._close_client()
+            return
+        self._reset_exchange()
+        self.phase = IDLE
+        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+        queued = self.queued
+        if queued is not None:
+            self.queued = None
+            self._pause_reading("pipelined", False)
+            for method, args in queued:
+                method(*args)  # type: ignore[operator]
+                if self.phase == CLOSED:
+                    break
+
+    def deadline_passed(self) -> None:
+        phase = self.phase
+        if phase == IDLE:
+            self.deadline = 0.0
+            self._close_client()  # keep-alive idle timeout: close quietly
+        elif phase == READING_HEAD:
+            self.fail_client(408)
+        elif phase == WAITING_UPSTREAM and not self.resp_started:
+            endpoint = self.endpoint
+            upstream = self.upstream
+            self.upstream = None
+            if upstream is not None:
+                upstream.abort()
+            if endpoint is not None:
+                self._upstream_failed(endpoint, "timeout", body_sent=True, timeout=True)
+            else:
+                self.fail_client(504)
+        else:
+            # Stalled mid-stream (upstream silent, or client not reading): give up on both.
+            upstream = self.upstream
+            self.upstream = None
+            if upstream is not None:
+                upstream.abort()
+            self._release_endpoint()
+            self._close_client()
+
+
+def parser_content_length(headers: list[tuple[bytes, bytes]], lowered: list[bytes]) -> int:
+    """Content-Length as llhttp validated it (digits only; duplicates must agree)."""
+    try:
+        index = lowered.index(b"content-length")
+    except ValueError:
+        return 0
+    return int(headers[index][1])
+
+
+def _host_name(host: bytes) -> str:
+    """Host header -> lower-case name without port (RFC 9110 7.2), "[::1]" kept bracketed."""
+    if not host:
+        return ""
+    text = host.decode("latin-1").lower()
+    if text[0] == "[":
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    colon = text.rfind(":")
+    return text[:colon] if colon >= 0 else text

@@ -1,0 +1,119 @@
+"""The route table and its lookup: host, then longest path, per networking.k8s.io/v1 Ingress.
+
+Lookup cost does not depend on the number of rules: a dict by exact host, a dict by wildcard
+suffix, then per host a dict of Exact paths and a dict of Prefix paths probed once per path
+element of the request (longest first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from edgeproxy.balancing import Balancer
+    from edgeproxy.health import EndpointState
+
+EndpointKey = tuple[str, int]  # (address, port): the identity per-endpoint state is keyed by
+
+
+@dataclass(slots=True, eq=False)
+class Cluster:
+    """One Service port: the endpoints in rotation and how to pick among them.
+
+    compile() fills every field but `hosts` and `balancer`, which `RouteTable.bind` attaches from
+    the per-endpoint registry just before the table is published; nothing changes after that.
+    """
+
+    name: str  # namespace/service:port
+    keys: tuple[EndpointKey, ...]
+    balancer_name: str = "round_robin"
+    balancer_options: Mapping[str, Any] = field(default_factory=dict)
+    upstream_tls: bool = False
+    external_name: str | None = None  # Service type ExternalName: resolve on connect
+    hosts: tuple[EndpointState, ...] = ()
+    balancer: Balancer | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    ingress: str  # namespace/name, for logs and /debug/routes
+    host: str  # "" for host-less rules, "*.x" for wildcard
+    path: str
+    path_type: str
+    cluster: Cluster
+    ssl_redirect: bool = False
+    hsts: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoutes:
+    exact: Mapping[str, Route]
+    prefix: Mapping[str, Route]  # keyed by path without trailing slash ("/" for the root)
+
+    def match(self, path: str) -> Route | None:
+        """Longest match; Exact beats Prefix at equal length (an Exact hit is always longest)."""
+        route = self.exact.get(path)
+        if route is not None:
+            return route
+        prefix = self.prefix
+        if not prefix:
+            return None
+        # Prefix matching is by path element (Ingress API reference, "Examples"): /foo matches
+        # /foo, /foo/ and /foo/bar, never /foobar. Probe the path, then each parent element.
+        end = len(path)
+        while end > 1 and path[end - 1] == "/":
+            end -= 1
+        while end > 0:
+            route = prefix.get(path[:end])
+            if route is not None:
+                return route
+            end = path.rfind("/", 0, end)
+        return prefix.get("/")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    exact_hosts: Mapping[str, HostRoutes]
+    wildcard_hosts: Mapping[str, HostRoutes]  # keyed by suffix with its dot: ".example.com"
+    any_host: HostRoutes | None
+    default_route: Route | None
+    tls_hosts: frozenset[str] = frozenset()
+    generation: int = 0
+
+    def lookup(self, host: str, path: str) -> Route | None:
+        """Most specific host group first (exact, wildcard, host-less); then its longest path."""
+        group = self.exact_hosts.get(host)
+        if group is None:
+            dot = host.find(".")
+            if dot > 0:
+                group = self.wildcard_hosts.get(host[dot:])
+            if group is None:
+                group = self.any_host
+        if group is not None:
+            route = group.match(path)
+            if route is not None:
+                return route
+        return self.default_route
+
+    def clusters(self) -> list[Cluster]:
+        seen: dict[int, Cluster] = {}
+        for route in self.routes():
+            seen.setdefault(id(route.cluster), route.cluster)
+        return list(seen.values())
+
+    def routes(self) -> list[Route]:
+        out: list[Route] = []
+        groups = list(self.exact_hosts.values()) + list(self.wildcard_hosts.values())
+        if self.any_host is not None:
+            groups.append(self.any_host)
+        for group in groups:
+            out.extend(group.exact.values())
+            out.extend(group.prefix.values())
+        if self.default_route is not None:
+            out.append(self.default_route)
+        return out
+
+
+EMPTY_TABLE = RouteTable(MappingProxyType({}), MappingProxyType({}), None, None)

@@ -1,0 +1,154 @@
+"""Process and listener lifecycle: workers, listeners, admin, graceful shutdown.
+
+With --workers N the parent forks N-1 children before it starts its loop; each process runs
+its own loop, table and pools, and the kernel spreads connections over them (SO_REUSEPORT).
+Only the parent serves the admin listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from edgeproxy.config import Settings
+
+log = logging.getLogger("edgeproxy")
+
+SHUTDOWN_POLL_INTERVAL = 0.05
+
+
+def run_workers(args: argparse.Namespace, settings: Settings) -> int:
+    import uvloop
+
+    children: list[int] = []
+    primary = True
+    for _ in range(max(1, args.workers) - 1):
+        pid = os.fork()
+        if pid == 0:
+            primary = False
+            children = []
+            break
+        children.append(pid)
+    try:
+        uvloop.run(serve(args, settings, primary=primary, children=children))
+    except KeyboardInterrupt:
+        pass
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return 0
+
+
+async def serve(
+    args: argparse.Namespace, settings: Settings, *, primary: bool, children: list[int]
+) -> None:
+    from edgeproxy.balancing import load_balancers
+    from edgeproxy.objects import ObjectStore
+    from edgeproxy.pipeline import RoutePipeline
+    from edgeproxy.proxy.dataplane import Dataplane
+    from edgeproxy.proxy.downstream import DownstreamProtocol
+    from edgeproxy.sources.manifests import ManifestSource
+    from edgeproxy.tls import CertificateStore
+
+    loop = asyncio.get_running_loop()
+    balancer_types = load_balancers()
+    dp = Dataplane(settings, loop)
+    dp.balancer_types = balancer_types
+    store = ObjectStore()
+    pipeline = RoutePipeline(
+        store, [dp], only_class=args.ingress_class, balancers=balancer_types,
+        default_balancer=settings.default_balancer, loop=loop,
+    )  # fmt: skip
+    certificates = CertificateStore(args.default_certificate)
+    pipeline.on_published.append(lambda result: certificates.update(store.snapshot(), result.tls))
+    dp.upstream_ssl = certificates.upstream_context()
+
+    sources_ready: list[bool] = []
+    background: list[asyncio.Task[None]] = []
+    if args.manifests:
+        manifests = ManifestSource([Path(p) for p in args.manifests], store,
+                                   settings.reload_interval)  # fmt: skip
+        manifests.load()
+        background.append(loop.create_task(manifests.watch()))
+    if args.kubeconfig or args.in_cluster:
+        from edgeproxy.sources.kube import KubeSource
+
+        kube = KubeSource(store, namespaces=args.watch_namespace, kubeconfig=args.kubeconfig,
+                          in_cluster=args.in_cluster)  # fmt: skip
+        sources_ready.append(False)
+
+        def kube_listed() -> None:
+            sources_ready[0] = True
+
+        background.append(loop.create_task(kube.run(on_listed=kube_listed)))
+    pipeline.rebuild()
+    dp.start()
+
+    reuse_port = args.workers > 1
+    servers: list[asyncio.base_events.Server] = []
+    if args.http:
+        host, port = args.http
+        servers.append(await loop.create_server(
+            lambda: DownstreamProtocol(dp, b"http", str(port).encode()), host, port,
+            reuse_port=reuse_port, backlog=1024,
+        ))  # fmt: skip
+        log.info("HTTP listener on %s:%d", host, port)
+    if args.https:
+        host, port = args.https
+        servers.append(await loop.create_server(
+            lambda: DownstreamProtocol(dp, b"https", str(port).encode()), host, port,
+            ssl=certificates.server_context(), reuse_port=reuse_port, backlog=1024,
+        ))  # fmt: skip
+        log.info("HTTPS listener on %s:%d", host, port)
+    listening = True
+
+    def ready() -> bool:
+        return listening and pipeline.last is not None and all(sources_ready)
+
+    admin_runner = None
+    if primary and args.admin:
+        from aiohttp import web
+
+        from edgeproxy.admin import AdminApp
+
+        admin = AdminApp(dp, pipeline, ready)
+        admin_runner = web.AppRunner(admin.app, access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, args.admin[0], args.admin[1]).start()
+        log.info("admin listener on %s:%d", *args.admin)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # Graceful stop: not ready, stop accepting, let exchanges in flight end, then close.
+    log.info("shutting down: draining %d connections", len(dp.connections))
+    dp.draining = True
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for server in servers:
+        server.close()
+    deadline = loop.time() + args.shutdown_grace
+    while loop.time() < deadline:
+        busy = [c for c in dp.connections if c.active]
+        if not busy:
+            break
+        await asyncio.sleep(SHUTDOWN_POLL_INTERVAL)
+    for conn in list(dp.connections):
+        if conn.transport is not None:
+            conn.transport.close()
+    for task in background:
+        task.cancel()
+    dp.stop()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
