@@ -24,6 +24,7 @@ HOP_BY_HOP = frozenset(
 # Set by edgeproxy from what it saw; a client's own values are dropped unless it is trusted.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"x-forwarded-port"})  # fmt: skip
+SERVER_HEADER = b"Server: " + SERVER_NAME.encode() + b"\r\n"
 REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect"}  # edgeproxy answers 100-continue itself
 
 
@@ -77,11 +78,16 @@ def downstream_response_head(
     connection: bytes,
 ) -> bytes:
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))]
+    has_server = False
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == b"content-length" or lname in named_by_connection:
             continue
+        if lname == b"server":
+            has_server = True
         parts += (name, b": ", value, b"\r\n")
+    if not has_server:  # as nginx and Envoy do; an upstream's own Server is kept
+        parts.append(SERVER_HEADER)
     parts += (framing, connection, b"\r\n")
     return b"".join(parts)
 
