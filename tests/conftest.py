@@ -1,0 +1,123 @@
+"""Fixtures: edgeproxy as a real process on free loopback ports, fed from manifests in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import k8s
+from tests.backends import Pods
+from tests.http1 import fetch
+
+READY_TIMEOUT = 15.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EdgeProxy:
+    """`edgeproxy run` in a subprocess, exactly as a user starts it."""
+
+    def __init__(self, manifests: Path, log: Path) -> None:
+        self.manifests = manifests
+        self.log_path = log
+        self.http = free_port()
+        self.https = free_port()
+        self.admin = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self, *extra: str, https: bool = False) -> EdgeProxy:
+        argv = [sys.executable, "-m", "edgeproxy.cli", "run", "--manifests", str(self.manifests),
+                "--http", f"127.0.0.1:{self.http}", "--admin", f"127.0.0.1:{self.admin}",
+                "--reload-interval", "0.1", *extra]  # fmt: skip
+        if https:
+            argv += ["--https", f"127.0.0.1:{self.https}"]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edgeproxy exited: {self.log()}")
+            try:
+                if (await fetch(self.admin, "GET", "/readyz")).status == 200:
+                    return self
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"edgeproxy not ready: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kib(self, field: str = "VmHWM") -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            for _ in range(100):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[Pods]:
+    p = Pods()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> Path:
+    return tmp_path / "manifests"
+
+
+@pytest.fixture
+async def proxy_factory(tmp_path: Path, manifests: Path) -> AsyncIterator[Any]:
+    started: list[EdgeProxy] = []
+
+    async def start(objects: list[dict[str, Any]], *extra: str, https: bool = False) -> EdgeProxy:
+        k8s.write(manifests, objects)
+        proxy = EdgeProxy(manifests, tmp_path / f"edgeproxy-{len(started)}.log")
+        started.append(proxy)
+        return await proxy.start(*extra, https=https)
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+def simple_site(port: int, *addresses: str, service: str = "web") -> list[dict[str, Any]]:
+    """One class, one catch-all Ingress, one Service whose pods are `addresses`."""
+    return [
+        k8s.ingress_class(),
+        k8s.ingress("site", [(None, [k8s.path("/", service)])]),
+        k8s.service(service),
+        k8s.endpoint_slice(service, k8s.ready(*addresses), port),
+    ]
+
+
+if "PYTHONPATH" not in os.environ:  # the subprocess imports edgeproxy from this checkout
+    os.environ["PYTHONPATH"] = str(ROOT)
