@@ -82,7 +82,8 @@ class Pods:
                 keep = await self._respond(address, msg, count[0], digest.hexdigest(), reader, writer)
                 if not keep:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError,
+                asyncio.CancelledError):
             pass
         finally:
             self._tasks.discard(task)

@@ -259,17 +259,22 @@ class DownstreamProtocol(asyncio.Protocol):
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
+        parser = self.parser
+        # Read the parser now: for a queued (pipelined) request it moves on before we replay.
+        args = (parser.get_method(), parser.get_http_version(), parser.should_keep_alive())
         if self.queued is not None:
-            self._queue(self.on_headers_complete, ())
+            self._queue(self._headers_complete, args)
             return
+        self._headers_complete(*args)
+
+    def _headers_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
         dp = self.dp
         settings = dp.settings
         if self.header_bytes > settings.max_header_bytes:
             raise ClientProtocolError(431, "header section too large")
-        parser = self.parser
-        self.method = parser.get_method()
-        self.http10 = parser.get_http_version() == "1.0"
-        self.keep_alive = parser.should_keep_alive() and not dp.draining
+        self.method = method
+        self.http10 = version == "1.0"
+        self.keep_alive = keep_alive and not dp.draining
         self.phase = WAITING_UPSTREAM
         self.deadline = dp.now + settings.read_timeout
         if self.host_count > 1 or (self.host_count == 0 and not self.http10):
@@ -682,10 +687,19 @@ class DownstreamProtocol(asyncio.Protocol):
         if queued is not None:
             self.queued = None
             self._pause_reading("pipelined", False)
-            for method, args in queued:
-                method(*args)  # type: ignore[operator]
-                if self.phase == CLOSED:
-                    break
+            try:
+                for index, (method, args) in enumerate(queued):
+                    if self.active and method == self.on_message_begin:
+                        # The next pipelined request waits for the one just started.
+                        self.queued = queued[index:]
+                        self._pause_reading("pipelined", True)
+                        break
+                    method(*args)  # type: ignore[operator]
+                    if self.phase == CLOSED:
+                        break
+            except ClientProtocolError as exc:
+                self.fail_client(exc.status)
+            self.flush_upstream()
 
     def deadline_passed(self) -> None:
         phase = self.phase
