@@ -103,6 +103,10 @@ class Pods:
         if target == "/reset":
             writer.transport.abort()
             return False
+        if target == "/chunked" and msg.start.endswith("HTTP/1.0"):
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\nhello world")  # no chunking for 1.0 (RFC 9112 7)
+            await writer.drain()
+            return False
         if target == "/chunked":
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n")  # fmt: skip

@@ -26,12 +26,11 @@ from httptools import (
 from edgeproxy.balancing import choose
 from edgeproxy.proxy.headers import (
     connection_tokens,
-    downstream_response_head,
     error_body,
     local_response,
     upstream_request_head,
 )
-from edgeproxy.proxy.upstream import UpstreamConnection
+from edgeproxy.proxy.upstream import ResponseHead, UpstreamConnection
 
 if TYPE_CHECKING:
     from edgeproxy.health import EndpointState
@@ -113,8 +112,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.req_done = False
         self.resp_started = False
         self.resp_done = False
-        self.resp_chunked = False
-        self.resp_close = False
         self.status = 0
         self.discarding = False
 
@@ -136,6 +133,7 @@ class DownstreamProtocol(asyncio.Protocol):
             except OSError:
                 pass
         self.dp.connections.add(self)
+        self.read_timeout = self.dp.settings.read_timeout
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -338,7 +336,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.method, url, self.headers, self.lowered, self.conn_tokens,
             host=host or None, forwarded_for=forwarded_for, proto=proto, port=self.port,
             request_id=None if self.has_request_id else dp.request_id(),
-            framing=framing, upgrade=upgrade,
+            framing=framing, upgrade=upgrade, http10=self.http10,
         )  # fmt: skip
         if self.expect_continue and self.has_body and not self.http10:
             self.wbuf.append(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -469,52 +467,34 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- events from the upstream connection ---------------------------------------
 
-    def response_informational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
+    def response_informational(self, head: ResponseHead) -> None:
         # 100 was answered by edgeproxy already; other 1xx (103 Early Hints) pass to 1.1 clients.
-        if status != 100 and not self.http10:
-            self.wbuf.append(downstream_response_head(status, reason, headers, frozenset(), b"", b""))  # fmt: skip
+        if head.status != 100 and not self.http10:
+            self.wbuf.append(head.head + b"\r\n")
 
-    def response_head(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        no_body: bool,
-    ) -> None:
+    def response_head(self, conn: UpstreamConnection, head: ResponseHead, no_body: bool) -> bool:
+        """Queue the client's response head; True if the body must be re-framed as chunked."""
         self.phase = STREAMING
         self.resp_started = True
-        self.status = status
-        close = not self.keep_alive
-        if no_body:
-            framing = b"Content-Length: %s\r\n" % conn.content_length if (
-                conn.content_length is not None and self.method == b"HEAD") else b""  # fmt: skip
-        elif conn.content_length is not None and not conn.chunked:
-            framing = b"Content-Length: %s\r\n" % conn.content_length
+        self.status = head.status
+        rechunk = False
+        if no_body or head.content_length is not None or head.chunked:
+            framing = b""  # Content-Length or chunked pass through with the body
         elif self.http10:
-            framing = b""  # an HTTP/1.0 client reads until close
-            close = True
+            framing = b""  # close-delimited to an HTTP/1.0 client too
+            self.keep_alive = False
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
-            self.resp_chunked = True
-        if close:
-            self.keep_alive = False
-            connection = b"Connection: close\r\n"
+            rechunk = True
+        if not self.keep_alive:
+            self.wbuf.append(head.head + framing + b"Connection: close\r\n\r\n")
+        elif self.http10:
+            self.wbuf.append(head.head + framing + b"Connection: keep-alive\r\n\r\n")
         else:
-            connection = CONNECTION_KEEP_ALIVE if self.http10 else b""
-        self.wbuf.append(
-            downstream_response_head(status, reason, headers, conn.conn_tokens, framing, connection)
-        )
-
-    def response_body(self, body: bytes) -> None:
-        if self.resp_chunked:
-            self.wbuf.append(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self.wbuf.append(body)
+            self.wbuf.append(head.head + framing + b"\r\n")
+        return rechunk
 
     def response_complete(self, conn: UpstreamConnection) -> None:
-        if self.resp_chunked:
-            self.wbuf.append(b"0\r\n\r\n")
         self.resp_done = True
         endpoint = self.endpoint
         if endpoint is not None:
@@ -544,17 +524,17 @@ class DownstreamProtocol(asyncio.Protocol):
     def upstream_upgraded(self, rest: bytes) -> None:
         """101 Switching Protocols: from here on both connections are a byte tunnel."""
         conn = self.upstream
-        assert conn is not None
-        head = downstream_response_head(101, conn.reason or b"Switching Protocols", conn.headers,
-                                        frozenset(), b"", b"")  # fmt: skip
-        # downstream_response_head drops Upgrade/Connection as hop-by-hop: put them back.
-        head = head[:-2] + b"Connection: upgrade\r\nUpgrade: " + (self.upgrade or b"") + b"\r\n\r\n"
-        self.wbuf.append(head)
+        assert conn is not None and conn.switching is not None
+        switching = conn.switching
+        # The head lost Connection/Upgrade as hop-by-hop; for a tunnel they are the point.
+        self.wbuf.append(switching.head + b"Connection: upgrade\r\nUpgrade: "
+                         + (switching.upgrade or self.upgrade or b"") + b"\r\n\r\n")  # fmt: skip
         if rest:
             self.wbuf.append(rest)
         self.phase = STREAMING
         self.deadline = 0.0  # tunnels idle as long as both ends want
         self.status = 101
+        self.resp_started = True
         if self.tunnel_rest:
             conn.write(self.tunnel_rest)
             self.tunnel_rest = b""

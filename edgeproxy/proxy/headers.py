@@ -46,9 +46,14 @@ def upstream_request_head(
     request_id: bytes | None,
     framing: bytes,
     upgrade: bytes | None,
+    http10: bool = False,
 ) -> bytes:
-    """The request head sent upstream: origin-form, HTTP/1.1, end-to-end fields only."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    """The request head sent upstream: origin-form, end-to-end fields only.
+
+    HTTP/1.1, except for an HTTP/1.0 client: then 1.0, so that the upstream never answers
+    with a chunked body the client could not read (nginx's proxy_http_version 1.0 behaviour).
+    """
+    parts = [method, b" ", target, b" HTTP/1.0\r\n" if http10 else b" HTTP/1.1\r\n"]
     drop = REQUEST_DROP
     for (name, value), lname in zip(headers, lowered):
         if lname in drop or (named_by_connection and lname in named_by_connection):

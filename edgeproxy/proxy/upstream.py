@@ -1,12 +1,16 @@
 """Upstream side: one HTTP/1.1 connection to an endpoint, pooled per EndpointState.
 
-The protocol parses responses with httptools (llhttp) and hands each event to the exchange
-that owns the connection (a DownstreamProtocol); it keeps no request state of its own.
+httptools (llhttp) validates the response and finds where it ends; the bytes themselves pass
+through. The head is rewritten once, in C (regular expressions over the raw head), and the
+body is forwarded as received (Content-Length and chunked framing are kept end to end), so a
+response costs no Python call per header or per body piece. Only a close-delimited body is
+re-framed (chunked) for the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -15,14 +19,64 @@ if TYPE_CHECKING:
     from edgeproxy.health import EndpointState
     from edgeproxy.proxy.downstream import DownstreamProtocol
 
-Header = tuple[bytes, bytes]
+MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
+
+# Over the lower-cased head (the leading CRLF anchors a field name at the start of a line).
+CONTENT_LENGTH_RE = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]+)")
+CHUNKED_RE = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked[ \t]*(?:\r\n|$)")
+CONNECTION_RE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)")
+# Hop-by-hop response fields (RFC 9110 7.6.1) that edgeproxy drops; framing fields stay,
+# because the body passes through with its own framing.
+HOP_BY_HOP_LINE_RE = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|upgrade)[ \t]*:[^\r\n]*",
+    re.IGNORECASE,
+)
+PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+
+
+class ResponseHead:
+    """The parts of a raw response head the client side needs, read in C."""
+
+    __slots__ = ("status", "head", "content_length", "chunked", "upgrade")
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
+        lower = raw.lower()
+        self.status = status
+        match = CONTENT_LENGTH_RE.search(lower)
+        self.content_length = match.group(1) if match else None
+        self.chunked = CHUNKED_RE.search(lower) is not None
+        self.upgrade = b""
+        head = raw
+        connection = CONNECTION_RE.search(lower)
+        if connection is not None:
+            tokens = {t.strip() for t in connection.group(1).split(b",")}
+            extra = tokens - PLAIN_CONNECTION_TOKENS
+            if extra:  # fields named by Connection are hop-by-hop too
+                names = b"|".join(re.escape(t) for t in extra)
+                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
+        if status == 101:
+            upgrade = re.search(rb"\r\nupgrade[ \t]*:[ \t]*([^\r\n]*)", lower)
+            self.upgrade = raw[upgrade.start(1) : upgrade.end(1)] if upgrade else b""
+        if connection is not None or b"\r\nkeep-alive" in lower or b"\r\nproxy-" in lower or (
+            b"\r\nupgrade" in lower
+        ):  # fmt: skip
+            head = HOP_BY_HOP_LINE_RE.sub(b"", head)
+        if head[5:8] != b"1.1":
+            head = b"HTTP/1.1" + head[8:]  # edgeproxy speaks 1.1 to the client (RFC 9110 6.2)
+        if b"\r\nserver:" not in lower:
+            head += SERVER_LINE
+        self.head = head
+
+
+SERVER_LINE = b"Server: edgeproxy\r\n"
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "endpoint", "transport", "parser", "exchange", "headers", "reason", "received",
-        "reusable", "idle_since", "closed", "reused", "tunnel", "chunked", "until_close",
-        "content_length", "conn_tokens", "skip_body",
+        "endpoint", "transport", "parser", "exchange", "raw", "in_head", "received",
+        "reusable", "idle_since", "closed", "reused", "tunnel", "until_close", "rechunk",
+        "skip_body", "done", "switching",
     )  # fmt: skip
 
     def __init__(self, endpoint: EndpointState) -> None:
@@ -30,19 +84,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
         self.exchange: DownstreamProtocol | None = None
-        self.headers: list[Header] = []
-        self.reason = b""
+        self.raw = b""  # bytes of the current head not yet consumed
+        self.in_head = True
         self.received = False  # any byte of the current response
         self.reusable = True
         self.idle_since = 0.0
         self.closed = False
         self.reused = False
         self.tunnel = False
-        self.chunked = False
-        self.until_close = False
-        self.content_length: bytes | None = None
-        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.until_close = False  # close-delimited body (RFC 9112 6.3 rule 8)
+        self.rechunk = False  # ... which the client receives chunked
         self.skip_body = False  # response to HEAD: llhttp cannot be told, so we end it ourselves
+        self.done = False
+        self.switching: ResponseHead | None = None  # the 101 head, until the tunnel opens
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -51,20 +105,31 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
-        if exchange is None:
-            # Bytes on an idle connection: the server broke framing; never reuse it.
-            self.close()
+        if exchange is None or self.done:
+            # Bytes on an idle connection, or after the response: the server broke framing.
+            self.reusable = False
+            if exchange is None:
+                self.close()
             return
         if self.tunnel:
             exchange.tunnel_to_client(data)
             return
         self.received = True
-        exchange.deadline = exchange.dp.now + exchange.dp.settings.read_timeout
+        exchange.deadline = exchange.dp.now + exchange.read_timeout
+        if self.in_head:
+            raw = self.raw = self.raw + data if self.raw else data
+            if len(raw) > MAX_RESPONSE_HEAD and raw.find(b"\r\n\r\n") < 0:
+                exchange.upstream_broken(self, "response head too large")
+                return
+        elif self.rechunk:
+            exchange.wbuf.append(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            exchange.wbuf.append(data)  # body bytes pass through as framed by the upstream
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade as upgrade:
+        except HttpParserUpgrade:
             self.tunnel = True
-            rest = data[upgrade.args[0] :]
+            rest, self.raw = self.raw, b""
             exchange.upstream_upgraded(rest)
         except HttpParserError as exc:
             self.reusable = False
@@ -77,9 +142,11 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             if self.until_close and not self.tunnel:
-                # Read-until-close framing (RFC 9112 6.3 rule 8): close ends the message.
+                # Read-until-close framing: close ends the message.
                 self.until_close = False
                 self.reusable = False
+                if self.rechunk:
+                    exchange.wbuf.append(b"0\r\n\r\n")
                 exchange.response_complete(self)
                 exchange.flush_client()
             else:
@@ -100,54 +167,44 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        if len(name) in (10, 14, 17):
-            lname = name.lower()
-            if lname == b"content-length":
-                self.content_length = value
-            elif lname == b"connection":
-                self.conn_tokens = frozenset(
-                    t.strip().lower() for t in value.split(b",") if t.strip()
-                )
-            elif lname == b"transfer-encoding":
-                self.chunked = value.lower().rstrip().endswith(b"chunked")
-
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
         exchange = self.exchange
         assert exchange is not None
-        headers, reason = self.headers, self.reason
-        self.headers, self.reason = [], b""
+        raw = self.raw
+        end = raw.find(b"\r\n\r\n")
+        status = self.parser.get_status_code()
+        head = ResponseHead(status, raw[: end + 2])
+        rest = raw[end + 4 :]
         if status < 200:
-            if status != 101:
-                exchange.response_informational(status, reason, headers)
+            self.raw = rest  # the final head follows
+            if status == 101:
+                self.switching = head
+            else:
+                exchange.response_informational(head)
             return
-        if not self.parser.should_keep_alive() or b"close" in self.conn_tokens:
+        self.raw = b""
+        self.in_head = False
+        if not self.parser.should_keep_alive():
             self.reusable = False
-        no_body = self.skip_body or status in (204, 304)
-        if not no_body and self.content_length is None and not self.chunked:
+        no_body = self.skip_body or status == 204 or status == 304
+        if not no_body and head.content_length is None and not head.chunked:
             self.until_close = True
             self.reusable = False
-        exchange.response_head(self, status, reason, headers, no_body)
+        self.rechunk = exchange.response_head(self, head, no_body)
+        if rest and not no_body:
+            exchange.wbuf.append(b"%x\r\n%b\r\n" % (len(rest), rest) if self.rechunk else rest)
         if self.skip_body:
             # llhttp would wait for Content-Length bytes that a HEAD response never carries.
             self.parser = HttpResponseParser(self)
             self._message_done()
 
-    def on_body(self, body: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.response_body(body)
-
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
+        if not self.in_head:
             self._message_done()
 
     def _message_done(self) -> None:
         self.until_close = False
+        self.done = True
         exchange = self.exchange
         if exchange is not None:
             exchange.response_complete(self)
@@ -157,10 +214,8 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, exchange: DownstreamProtocol, skip_body: bool) -> None:
         self.exchange = exchange
         self.received = False
-        self.content_length = None
-        self.chunked = False
-        self.until_close = False
-        self.conn_tokens = frozenset()
+        self.in_head = True
+        self.done = False
         self.skip_body = skip_body
 
     def write(self, data: bytes) -> None:

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Python cost of one proxied exchange, without sockets: request in, response back, per exchange.
+
+Drives DownstreamProtocol and a pooled UpstreamConnection with transports that only count
+bytes, so the figure is the interpreter's share of the hot path (the kernel's is not in it).
+
+    python benchmarks/hot_path.py [--exchanges 200000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgeproxy.compile import compile_routes  # noqa: E402
+from edgeproxy.config import Settings  # noqa: E402
+from edgeproxy.objects import ObjectStore  # noqa: E402
+from edgeproxy.proxy.dataplane import Dataplane  # noqa: E402
+from edgeproxy.proxy.downstream import DownstreamProtocol  # noqa: E402
+from edgeproxy.proxy.upstream import UpstreamConnection  # noqa: E402
+from edgeproxy.balancing import load_balancers  # noqa: E402
+
+REQUEST = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nUser-Agent: wrk\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 14:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 23\r\nConnection: keep-alive\r\n\r\n"
+            b"hello from the backend\n")
+
+
+class CountingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written += len(data)
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def objects() -> list[dict]:
+    return [
+        {"kind": "IngressClass", "metadata": {"name": "ep"},
+         "spec": {"controller": "edgeproxy.io/ingress-controller"}},
+        {"kind": "Service", "metadata": {"name": "api", "namespace": "b"},
+         "spec": {"ports": [{"name": "http", "port": 80}]}},
+        {"kind": "EndpointSlice", "metadata": {"name": "a", "namespace": "b",
+                                               "labels": {"kubernetes.io/service-name": "api"}},
+         "addressType": "IPv4", "ports": [{"name": "http", "port": 8000}],
+         "endpoints": [{"addresses": ["127.0.0.1"]}]},
+        {"kind": "Ingress", "metadata": {"name": "i", "namespace": "b"},
+         "spec": {"ingressClassName": "ep", "rules": [{"host": "bench.example.com", "http": {
+             "paths": [{"path": "/api", "pathType": "Prefix", "backend": {
+                 "service": {"name": "api", "port": {"number": 80}}}}]}}]}},
+    ]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exchanges", type=int, default=200_000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    loop = asyncio.new_event_loop()
+    dp = Dataplane(Settings(), loop)
+    dp.balancer_types = load_balancers()
+    store = ObjectStore()
+    store.replace("bench", objects())
+    dp.publish(compile_routes(store.snapshot()).table)
+    state = next(iter(dp.registry.states.values()))
+    upstream = UpstreamConnection(state)
+    up_transport = CountingTransport()
+    upstream.connection_made(up_transport)
+    state.idle.append(upstream)
+    client = DownstreamProtocol(dp, b"http", b"80")
+    down_transport = CountingTransport()
+    client.connection_made(down_transport)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+
+    run(1000)
+    assert down_transport.writes == 1000 and up_transport.writes == 1000, "not one write per side"
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
+    started = time.perf_counter()
+    run(args.exchanges)
+    elapsed = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    print(f"{elapsed / args.exchanges * 1e6:.2f} us of Python per exchange "
+          f"({args.exchanges} exchanges, {down_transport.writes / (args.exchanges + 1000):.2f} "
+          f"client writes and {up_transport.writes / (args.exchanges + 1000):.2f} upstream writes each)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""edgeproxy vs nginx as an HTTP/1.1 reverse proxy, in one run, reported as ratios.
+
+Layout (2 cores): the proxy under test (edgeproxy with one worker, or nginx with one worker
+and upstream keepalive) is pinned to core 0; wrk and the backend (nginx, one worker, a small
+fixed response) share core 1. Both proxies route by host and path and set X-Forwarded-* and
+X-Request-ID. Rounds alternate which proxy goes first; medians are reported.
+
+Per proxy and round: req/s and p99 from wrk, the proxy process's CPU time per request
+(utime+stime from /proc/PID/stat) and its read/write syscalls per request (/proc/PID/io).
+
+Scenarios: `edgeproxy` (1 Ingress), `edgeproxy-10k` (the same route among 10,000 Ingresses:
+lookup cost must not grow), and optionally `--balancers` runs least_conn and hash.
+
+    python benchmarks/http_vs_nginx.py [--rounds 5] [--duration 10] [--connections 64]
+
+Installs wrk and nginx with apt-get when missing. Loopback only. Writes results/http.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "bench.example.com"
+PATH = "/api/items"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def ensure_tools() -> None:
+    missing = [p for p in ("wrk", "nginx") if not shutil.which(p) and not Path(f"/usr/sbin/{p}").exists()]  # fmt: skip
+    if missing:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def nginx_bin() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(workdir: Path, name: str, http_block: str, core: int) -> subprocess.Popen[bytes]:
+    conf = workdir / f"{name}.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+user root;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {workdir}/{name}-body;
+  proxy_temp_path {workdir}/{name}-proxy;
+  {http_block}
+}}
+""")
+    return subprocess.Popen(["taskset", "-c", str(core), nginx_bin(), "-c", str(conf),
+                             "-p", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def manifests(workdir: Path, backend_port: int, extra_ingresses: int) -> Path:
+    import yaml
+
+    objs: list[dict] = [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "ep"},
+         "spec": {"controller": "edgeproxy.io/ingress-controller"}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "bench"},
+         "spec": {"ports": [{"name": "http", "port": 80}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "api-1", "namespace": "bench",
+                      "labels": {"kubernetes.io/service-name": "api"}},
+         "addressType": "IPv4", "ports": [{"name": "http", "port": backend_port}],
+         "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]},
+    ]  # fmt: skip
+
+    def ingress(name: str, host: str) -> dict:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                "metadata": {"name": name, "namespace": "bench"},
+                "spec": {"ingressClassName": "ep", "rules": [{"host": host, "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix",
+                     "backend": {"service": {"name": "api", "port": {"number": 80}}}},
+                    {"path": "/api", "pathType": "Prefix",
+                     "backend": {"service": {"name": "api", "port": {"number": 80}}}}]}}]}}  # fmt: skip
+
+    objs.append(ingress("bench", HOST))
+    objs += [ingress(f"other-{i}", f"host-{i}.example.org") for i in range(extra_ingresses)]
+    path = workdir / f"manifests-{extra_ingresses}"
+    path.mkdir(exist_ok=True)
+    (path / "objects.yaml").write_text(yaml.safe_dump_all(objs))
+    return path
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_syscalls(pid: int) -> tuple[int, int]:
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["syscr"]), int(io["syscw"])
+
+
+def run_wrk(port: int, duration: int, connections: int, core: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", str(core), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+         "--latency", "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}{PATH}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"requests": requests, "rps": rps, "p99_ms": float(p99.group(1)) * scale,
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}  # type: ignore[dict-item]  # fmt: skip
+
+
+def measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
+    run_wrk(port, 2, args.connections, 1)  # warm-up: pools filled, code paths hot
+    cpu0, (r0, w0) = proc_cpu_seconds(pid), proc_syscalls(pid)
+    result = run_wrk(port, args.duration, args.connections, 1)
+    cpu1, (r1, w1) = proc_cpu_seconds(pid), proc_syscalls(pid)
+    n = max(1, result["requests"])
+    result["cpu_us_per_req"] = (cpu1 - cpu0) / n * 1e6
+    result["reads_per_req"] = (r1 - r0) / n
+    result["writes_per_req"] = (w1 - w0) / n
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--balancers", action="store_true", help="also least_conn and hash")
+    parser.add_argument("--skip-10k", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "http.json")
+    args = parser.parse_args()
+    ensure_tools()
+    edgeproxy = [sys.executable, "-m", "edgeproxy.cli"]
+
+    with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-") as tmp:
+        work = Path(tmp)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            backend_port = free_port()
+            procs.append(start_nginx(work, "backend", f"""
+  server {{ listen 127.0.0.1:{backend_port} backlog=4096;
+           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1))  # fmt: skip
+            wait_port(backend_port)
+            nginx_port = free_port()
+            procs.append(start_nginx(work, "proxy", f"""
+  upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{nginx_port} backlog=4096;
+    server_name {HOST};
+    location / {{ return 404; }}
+    location /api {{
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Port $server_port;
+      proxy_set_header X-Request-ID $request_id;
+    }}
+  }}""", 0))  # fmt: skip
+            wait_port(nginx_port)
+            targets: dict[str, tuple[int, int]] = {"nginx": (procs[-1].pid, nginx_port)}
+            variants = [("edgeproxy", 0, [])]
+            if not args.skip_10k:
+                variants.append(("edgeproxy-10k", 10_000, []))
+            if args.balancers:
+                variants += [("edgeproxy-least_conn", 0, ["--default-balancer", "least_conn"]),
+                             ("edgeproxy-hash", 0, ["--default-balancer", "hash"])]  # fmt: skip
+            for name, extra, flags in variants:
+                port = free_port()
+                proc = subprocess.Popen(
+                    ["taskset", "-c", "0", *edgeproxy, "run",
+                     "--manifests", str(manifests(work, backend_port, extra)),
+                     "--http", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}",
+                     "--log-level", "warning", *flags],
+                    cwd=ROOT, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+                procs.append(proc)
+                wait_port(port, 120)
+                targets[name] = (proc.pid, port)
+
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            names = list(targets)
+            for r in range(args.rounds):
+                order = names if r % 2 == 0 else list(reversed(names))
+                for name in order:
+                    pid, port = targets[name]
+                    result = measure(pid, port, args)
+                    rounds[name].append(result)
+                    print(f"round {r + 1} {name:22s} {result['rps']:9.0f} req/s  "
+                          f"p99 {result['p99_ms']:6.2f} ms  cpu {result['cpu_us_per_req']:5.1f} us/req  "
+                          f"r/w {result['reads_per_req']:.2f}/{result['writes_per_req']:.2f} per req"
+                          f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}",
+                          flush=True)  # fmt: skip
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    summary = {}
+    for name, results in rounds.items():
+        summary[name] = {key: statistics.median(r[key] for r in results)
+                         for key in ("rps", "p99_ms", "cpu_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
+    base = summary["nginx"]
+    print(f"\nmedians over {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s")
+    print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
+    for name, s in summary.items():
+        print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} "
+              f"{s['reads_per_req']:10.2f} {s['writes_per_req']:11.2f}  "
+              f"{s['rps'] / base['rps']:.2f}x {s['p99_ms'] / base['p99_ms']:.2f}x "
+              f"{s['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x")  # fmt: skip
+    if "edgeproxy-10k" in summary:
+        print(f"lookup among 10,000 Ingresses: {summary['edgeproxy-10k']['rps'] / summary['edgeproxy']['rps']:.3f}x "
+              "the req/s with one")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rounds": rounds,
+                                    "median": summary}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
