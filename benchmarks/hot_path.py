@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeproxy.compile import compile_routes  # noqa: E402
-from edgeproxy.config import Settings  # noqa: E402
-from edgeproxy.objects import ObjectStore  # noqa: E402
-from edgeproxy.proxy.dataplane import Dataplane  # noqa: E402
-from edgeproxy.proxy.downstream import DownstreamProtocol  # noqa: E402
-from edgeproxy.proxy.upstream import UpstreamConnection  # noqa: E402
-from edgeproxy.balancing import load_balancers  # noqa: E402
+from edgeproxy.balancing import load_balancers
+from edgeproxy.compile import compile_routes
+from edgeproxy.config import Settings
+from edgeproxy.objects import ObjectStore
+from edgeproxy.proxy.dataplane import Dataplane
+from edgeproxy.proxy.downstream import DownstreamProtocol
+from edgeproxy.proxy.upstream import UpstreamConnection
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nUser-Agent: wrk\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 14:00:00 GMT\r\n"

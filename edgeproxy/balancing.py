@@ -141,7 +141,7 @@ class ConsistentHash:
     cookie:NAME or path. A request without the key falls back to its client IP.
     """
 
-    __slots__ = ("hosts", "points", "owners", "source", "name")
+    __slots__ = ("hosts", "name", "owners", "points", "source")
 
     def __init__(self, hosts: Sequence[EndpointState], options: Mapping[str, Any]) -> None:
         self.hosts = tuple(hosts)

@@ -25,8 +25,18 @@ log = logging.getLogger("edgeproxy.health")
 
 class EndpointState:
     __slots__ = (
-        "key", "address", "port", "label", "in_flight", "requests", "failures",
-        "consecutive_failures", "ejections", "ejected_until", "idle", "draining",
+        "address",
+        "consecutive_failures",
+        "draining",
+        "ejected_until",
+        "ejections",
+        "failures",
+        "idle",
+        "in_flight",
+        "key",
+        "label",
+        "port",
+        "requests",
     )  # fmt: skip
 
     def __init__(self, key: EndpointKey) -> None:

@@ -6,10 +6,10 @@ touch the route table. A consumer takes an immutable `Snapshot` and compiles it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 # The kinds compile() reads; everything else in a manifest is ignored.
 KINDS = ("Ingress", "IngressClass", "Service", "EndpointSlice", "Secret")

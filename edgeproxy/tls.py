@@ -50,7 +50,7 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes, where: str) -> ssl.SSLCont
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
         raise BadCertificate(f"{where}: tls.crt is not a PEM certificate ({exc})") from None
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc < now:
         raise BadCertificate(f"{where}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     ctx = _new_server_context()
@@ -78,7 +78,7 @@ def self_signed_pem(common_name: str = "edgeproxy default") -> tuple[bytes, byte
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -129,7 +129,7 @@ class CertificateStore:
         cert, key = self_signed_pem()  # placeholder; every handshake gets a context below
         with tempfile.TemporaryDirectory(prefix="edgeproxy-tls-") as tmp:
             paths = [os.path.join(tmp, n) for n in ("c", "k")]
-            for path, pem in zip(paths, (cert, key)):
+            for path, pem in zip(paths, (cert, key), strict=True):
                 with open(path, "wb") as f:
                     f.write(pem)
             ctx.load_cert_chain(paths[0], paths[1])

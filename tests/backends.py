@@ -82,8 +82,7 @@ class Pods:
                 keep = await self._respond(address, msg, count[0], digest.hexdigest(), reader, writer)
                 if not keep:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError,
-                asyncio.CancelledError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
             pass
         finally:
             self._tasks.discard(task)

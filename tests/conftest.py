@@ -55,7 +55,7 @@ class EdgeProxy:
             try:
                 if (await fetch(self.admin, "GET", "/readyz")).status == 200:
                     return self
-            except (OSError, ConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ConnectionError):
                 pass
             await asyncio.sleep(0.05)
         raise RuntimeError(f"edgeproxy not ready: {self.log()}")

@@ -163,7 +163,7 @@ class Client:
     async def closed_by_peer(self, timeout: float = 5.0) -> bool:
         try:
             data = await asyncio.wait_for(self.reader.read(1), timeout)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             return False
         return data == b""
 
@@ -171,7 +171,7 @@ class Client:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
 
 

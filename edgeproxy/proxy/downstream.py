@@ -419,7 +419,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 ssl=dp.upstream_ssl if tls else None,
                 server_hostname=endpoint.address if tls else None,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             if self.seq == seq and self.endpoint is endpoint and self.phase == WAITING_UPSTREAM:
                 self._upstream_failed(endpoint, f"connect: {exc}", body_sent=False)
             return

@@ -55,7 +55,7 @@ def upstream_request_head(
     """
     parts = [method, b" ", target, b" HTTP/1.0\r\n" if http10 else b" HTTP/1.1\r\n"]
     drop = REQUEST_DROP
-    for (name, value), lname in zip(headers, lowered):
+    for (name, value), lname in zip(headers, lowered, strict=True):
         if lname in drop or (named_by_connection and lname in named_by_connection):
             continue
         parts += (name, b": ", value, b"\r\n")

@@ -37,7 +37,7 @@ PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 class ResponseHead:
     """The parts of a raw response head the client side needs, read in C."""
 
-    __slots__ = ("status", "head", "content_length", "chunked", "upgrade")
+    __slots__ = ("chunked", "content_length", "head", "status", "upgrade")
 
     def __init__(self, status: int, raw: bytes) -> None:
         """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
@@ -54,7 +54,7 @@ class ResponseHead:
             extra = tokens - PLAIN_CONNECTION_TOKENS
             if extra:  # fields named by Connection are hop-by-hop too
                 names = b"|".join(re.escape(t) for t in extra)
-                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
+                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.IGNORECASE)
         if status == 101:
             upgrade = re.search(rb"\r\nupgrade[ \t]*:[ \t]*([^\r\n]*)", lower)
             self.upgrade = raw[upgrade.start(1) : upgrade.end(1)] if upgrade else b""
@@ -74,9 +74,23 @@ SERVER_LINE = b"Server: edgeproxy\r\n"
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "endpoint", "transport", "parser", "exchange", "raw", "in_head", "received",
-        "reusable", "idle_since", "closed", "reused", "tunnel", "until_close", "rechunk",
-        "skip_body", "done", "switching",
+        "closed",
+        "done",
+        "endpoint",
+        "exchange",
+        "idle_since",
+        "in_head",
+        "parser",
+        "raw",
+        "received",
+        "rechunk",
+        "reusable",
+        "reused",
+        "skip_body",
+        "switching",
+        "transport",
+        "tunnel",
+        "until_close",
     )  # fmt: skip
 
     def __init__(self, endpoint: EndpointState) -> None:
