@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from edgeproxy.proxy.downstream import DownstreamProtocol
 
 POOL_SWEEP_INTERVAL = 1.0
+HOST_CACHE_SIZE = 4096
 
 
 class Dataplane:
@@ -38,6 +39,7 @@ class Dataplane:
         self.upstream_connects = 0
         self.retries = 0
         self.draining = False
+        self.host_names: dict[bytes, str] = {}  # Host header -> normalised name, bounded
         self.upstream_ssl: ssl.SSLContext | None = None  # for backend-protocol: HTTPS
         # X-Request-ID: a per-process random prefix and a counter; unique without a syscall.
         self._rid_prefix = os.urandom(8).hex().encode()
@@ -64,6 +66,12 @@ class Dataplane:
         self.registry.retain(live)
 
     balancer_types: dict[str, type] = {}
+
+    def remember_host(self, raw: bytes, name: str) -> str:
+        if len(self.host_names) >= HOST_CACHE_SIZE:
+            self.host_names.clear()  # a flood of distinct Host values must not grow memory
+        self.host_names[raw] = name
+        return name
 
     def request_id(self) -> bytes:
         self._rid_counter += 1

@@ -55,6 +55,66 @@ class ClientProtocolError(Exception):
 
 
 class DownstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "attempts",
+        "body_received",
+        "body_sent",
+        "chunked",
+        "client_ip",
+        "client_ip_bytes",
+        "conn_tokens",
+        "content_length",
+        "deadline",
+        "discarding",
+        "dp",
+        "endpoint",
+        "expect_continue",
+        "has_body",
+        "has_request_id",
+        "header_bytes",
+        "header_timeout",
+        "headers",
+        "host_count",
+        "host_header",
+        "http10",
+        "keep_alive",
+        "lowered",
+        "max_header_bytes",
+        "method",
+        "parser",
+        "path",
+        "pending",
+        "pending_bytes",
+        "phase",
+        "port",
+        "queued",
+        "read_paused_by",
+        "read_timeout",
+        "req_done",
+        "resp_done",
+        "resp_started",
+        "route",
+        "scheme",
+        "seq",
+        "stale_retry",
+        "status",
+        "transport",
+        "tried",
+        "trusted_peer",
+        "tunnel_rest",
+        "up_head",
+        "up_ready",
+        "up_wbuf",
+        "upgrade",
+        "upgrading",
+        "upstream",
+        "url",
+        "wbuf",
+        "xf_proto",
+        "xff",
+    )
+
     def __init__(self, dp: Dataplane, scheme: bytes, port: bytes) -> None:
         self.dp = dp
         self.scheme = scheme
@@ -133,23 +193,30 @@ class DownstreamProtocol(asyncio.Protocol):
             except OSError:
                 pass
         self.dp.connections.add(self)
-        self.read_timeout = self.dp.settings.read_timeout
+        settings = self.dp.settings
+        self.read_timeout = settings.read_timeout
+        self.header_timeout = settings.client_header_timeout
+        self.max_header_bytes = settings.max_header_bytes
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
-        if self.upstream is not None and self.upstream.tunnel:
-            self.upstream.write(data)
-            return
-        if self.phase == CLOSED:
-            return
-        if self.upgrading:
-            self.tunnel_rest += data
-            return
-        if self.phase == IDLE:
+        phase = self.phase
+        if phase == IDLE:
             self.phase = READING_HEAD
-            self.deadline = self.dp.now + self.dp.settings.client_header_timeout
-        elif self.phase != READING_HEAD:
-            self.deadline = self.dp.now + self.dp.settings.read_timeout
+            self.deadline = self.dp.now + self.header_timeout
+        elif phase == READING_HEAD:
+            pass
+        elif phase == CLOSED:
+            return
+        else:
+            upstream = self.upstream
+            if upstream is not None and upstream.tunnel:
+                upstream.write(data)
+                return
+            if self.upgrading:
+                self.tunnel_rest += data
+                return
+            self.deadline = self.dp.now + self.read_timeout
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -165,10 +232,12 @@ class DownstreamProtocol(asyncio.Protocol):
         except HttpParserError:
             self.fail_client(400)
         else:
-            if self.phase == READING_HEAD and self.header_bytes > self.dp.settings.max_header_bytes:
+            if self.phase == READING_HEAD and self.header_bytes > self.max_header_bytes:
                 self.fail_client(431)
-        self.flush_upstream()
-        self.flush_client()
+        if self.up_wbuf:
+            self.flush_upstream()
+        if self.wbuf:
+            self.flush_client()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
@@ -239,8 +308,13 @@ class DownstreamProtocol(asyncio.Protocol):
         if first == 104 and lname == b"host":  # h
             self.host_header = value
             self.host_count += 1
-        elif first == 99 and lname == b"connection":  # c
-            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+        elif first == 99:  # c
+            if lname == b"content-length":
+                self.content_length = int(value)  # llhttp checked: digits, duplicates agree
+            elif lname == b"connection":
+                self.conn_tokens = self.conn_tokens | connection_tokens(value)
+        elif first == 116 and lname == b"transfer-encoding":  # t
+            self.chunked = True
         elif first == 120:  # x
             if lname == b"x-forwarded-for":
                 self.xff = value if self.xff is None else self.xff + b", " + value
@@ -278,9 +352,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.host_count > 1 or (self.host_count == 0 and not self.http10):
             raise ClientProtocolError(400, "a request needs exactly one Host (RFC 9112 3.2)")
         # Framing of the request body (RFC 9112 6.3); llhttp already rejected CL + TE.
-        length = parser_content_length(self.headers, self.lowered)
-        self.chunked = b"transfer-encoding" in self.lowered
-        self.content_length = length
+        length = self.content_length
         self.has_body = self.chunked or length > 0
         if settings.max_body_bytes and length > settings.max_body_bytes:
             raise ClientProtocolError(413, "request body over the limit")
@@ -308,13 +380,16 @@ class DownstreamProtocol(asyncio.Protocol):
             self.path = path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             raise ClientProtocolError(400, "request target is not ASCII") from None
-        route = dp.table.lookup(_host_name(host), path)
+        host_name = dp.host_names.get(host)
+        if host_name is None:
+            host_name = dp.remember_host(host, _host_name(host))
+        route = dp.table.lookup(host_name, path)
         self.route = route
         if route is None:
             self.respond_local(404, error_body(404))
             return
         if route.ssl_redirect and self.scheme == b"http":
-            location = b"https://" + _host_name(host).encode() + url
+            location = b"https://" + host_name.encode() + url
             self.respond_local(308, b"", extra=[(b"Location", location)])
             return
         forwarded_for = self.client_ip_bytes
@@ -385,10 +460,13 @@ class DownstreamProtocol(asyncio.Protocol):
         assert route is not None
         dp = self.dp
         cluster = route.cluster
-        endpoint = choose(
-            cluster, self, dp.now, dp.registry.ejected_count,
-            dp.settings.outlier.panic_threshold_percent, exclude,
-        )  # fmt: skip
+        if exclude is None and not dp.registry.ejected_count and cluster.balancer is not None:
+            endpoint = cluster.balancer.pick(self)  # nothing ejected anywhere: no health check
+        else:
+            endpoint = choose(
+                cluster, self, dp.now, dp.registry.ejected_count,
+                dp.settings.outlier.panic_threshold_percent, exclude,
+            )  # fmt: skip
         if endpoint is None:
             self.respond_local(503, error_body(503))
             return
@@ -706,15 +784,6 @@ class DownstreamProtocol(asyncio.Protocol):
                 upstream.abort()
             self._release_endpoint()
             self._close_client()
-
-
-def parser_content_length(headers: list[tuple[bytes, bytes]], lowered: list[bytes]) -> int:
-    """Content-Length as llhttp validated it (digits only; duplicates must agree)."""
-    try:
-        index = lowered.index(b"content-length")
-    except ValueError:
-        return 0
-    return int(headers[index][1])
 
 
 def _host_name(host: bytes) -> str:

@@ -25,7 +25,8 @@ HOP_BY_HOP = frozenset(
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"x-forwarded-port"})  # fmt: skip
 SERVER_HEADER = b"Server: " + SERVER_NAME.encode() + b"\r\n"
-REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect"}  # edgeproxy answers 100-continue itself
+# Expect: edgeproxy answers 100-continue itself; Content-Length: re-added with the framing.
+REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length"}
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
 
 # Over the lower-cased head (the leading CRLF anchors a field name at the start of a line).
-CONTENT_LENGTH_RE = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]+)")
-CHUNKED_RE = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked[ \t]*(?:\r\n|$)")
-CONNECTION_RE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)")
 # Hop-by-hop response fields (RFC 9110 7.6.1) that edgeproxy drops; framing fields stay,
 # because the body passes through with its own framing.
 HOP_BY_HOP_LINE_RE = re.compile(
@@ -35,31 +32,42 @@ PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
 
 class ResponseHead:
-    """The parts of a raw response head the client side needs, read in C."""
+    """The parts of a raw response head the client side needs, found with bytes.find (C).
 
-    __slots__ = ("chunked", "content_length", "head", "status", "upgrade")
+    Field names are matched as "\\r\\nname:" on the lower-cased head: RFC 9112 5.1 allows
+    no whitespace between a field name and its colon (llhttp rejects it), so this is exact.
+    """
+
+    __slots__ = ("status", "head", "content_length", "chunked", "upgrade")
 
     def __init__(self, status: int, raw: bytes) -> None:
         """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
         lower = raw.lower()
         self.status = status
-        match = CONTENT_LENGTH_RE.search(lower)
-        self.content_length = match.group(1) if match else None
-        self.chunked = CHUNKED_RE.search(lower) is not None
         self.upgrade = b""
+        at = lower.find(b"\r\ncontent-length:")
+        self.content_length = raw[at + 17 : lower.find(b"\r\n", at + 17)].strip() if at >= 0 else None
+        at = lower.find(b"\r\ntransfer-encoding:")
+        self.chunked = at >= 0 and lower[at : lower.find(b"\r\n", at + 20)].rstrip().endswith(b"chunked")
         head = raw
-        connection = CONNECTION_RE.search(lower)
-        if connection is not None:
-            tokens = {t.strip() for t in connection.group(1).split(b",")}
-            extra = tokens - PLAIN_CONNECTION_TOKENS
+        at = lower.find(b"\r\nconnection:")
+        if at >= 0:
+            value = lower[at + 13 : lower.find(b"\r\n", at + 13)]
+            extra = {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS
             if extra:  # fields named by Connection are hop-by-hop too
                 names = b"|".join(re.escape(t) for t in extra)
-                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.IGNORECASE)
+                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
         if status == 101:
-            upgrade = re.search(rb"\r\nupgrade[ \t]*:[ \t]*([^\r\n]*)", lower)
-            self.upgrade = raw[upgrade.start(1) : upgrade.end(1)] if upgrade else b""
-        if connection is not None or b"\r\nkeep-alive" in lower or b"\r\nproxy-" in lower or (
-            b"\r\nupgrade" in lower
+            up = lower.find(b"\r\nupgrade:")
+            self.upgrade = raw[up + 10 : raw.find(b"\r\n", up + 10)].strip() if up >= 0 else b""
+        if at >= 0 and lower.count(b"\r\n") > 1 and b"\r\nkeep-alive:" not in lower and (
+            b"\r\nproxy-" not in lower and b"\r\nupgrade:" not in lower
+        ) and head is raw:
+            # The common case: Connection is the only hop-by-hop field; cut its line out.
+            end = raw.find(b"\r\n", at + 2)
+            head = raw[:at] + raw[end:]
+        elif at >= 0 or b"\r\nkeep-alive:" in lower or b"\r\nproxy-" in lower or (
+            b"\r\nupgrade:" in lower
         ):  # fmt: skip
             head = HOP_BY_HOP_LINE_RE.sub(b"", head)
         if head[5:8] != b"1.1":
