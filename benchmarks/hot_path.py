@@ -28,6 +28,15 @@ from edgeproxy.proxy.downstream import DownstreamProtocol
 from edgeproxy.proxy.upstream import UpstreamConnection
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nUser-Agent: wrk\r\n\r\n"
+BROWSER_REQUEST = (
+    b"GET /api/items?page=2 HTTP/1.1\r\nHost: bench.example.com\r\nConnection: keep-alive\r\n"
+    b"sec-ch-ua: \"Chromium\";v=\"124\"\r\nsec-ch-ua-mobile: ?0\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)"
+    b" AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36\r\n"
+    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+    b"Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Dest: document\r\n"
+    b"Referer: https://bench.example.com/\r\nAccept-Encoding: gzip, deflate, br\r\n"
+    b"Accept-Language: en-US,en;q=0.9\r\nCookie: session=abc123; theme=dark\r\n\r\n"
+)
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 14:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 23\r\nConnection: keep-alive\r\n\r\n"
             b"hello from the backend\n")
@@ -80,6 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--exchanges", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--browser", action="store_true", help="a 13-field browser request")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     dp = Dataplane(Settings(), loop)
@@ -96,9 +106,11 @@ def main() -> int:
     down_transport = CountingTransport()
     client.connection_made(down_transport)
 
+    request = BROWSER_REQUEST if args.browser else REQUEST
+
     def run(n: int) -> None:
         for _ in range(n):
-            client.data_received(REQUEST)
+            client.data_received(request)
             upstream.data_received(RESPONSE)
 
     run(1000)

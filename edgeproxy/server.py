@@ -89,6 +89,10 @@ async def serve(
         background.append(loop.create_task(kube.run(on_listed=kube_listed)))
     pipeline.rebuild()
     dp.start()
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
 
     reuse_port = args.workers > 1
     servers: list[asyncio.base_events.Server] = []

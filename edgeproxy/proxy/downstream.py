@@ -74,6 +74,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "has_request_id",
         "header_bytes",
         "header_timeout",
+        "keepalive_timeout",
         "headers",
         "host_count",
         "host_header",
@@ -89,6 +90,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "phase",
         "port",
         "queued",
+        "rare",
         "read_paused_by",
         "read_timeout",
         "req_done",
@@ -133,47 +135,54 @@ class DownstreamProtocol(asyncio.Protocol):
         self.tunnel_rest = b""
         self.upgrading = False  # the client asked to upgrade; bytes after the head wait
         self.seq = 0  # exchange number on this connection, so late connects know they are late
+        self.rare = True
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
+        """Fields every exchange writes; the rarely used ones only when an exchange used them."""
         self.seq += 1
         self.active = False
-        self.method = b""
         self.url = b""
-        self.path = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.lowered: list[bytes] = []
         self.header_bytes = 0
         self.host_header: bytes | None = None
         self.host_count = 0
         self.conn_tokens: frozenset[bytes] = frozenset()
-        self.has_body = False
         self.chunked = False
         self.content_length = 0
         self.body_received = 0
-        self.expect_continue = False
-        self.upgrade: bytes | None = None
-        self.xff: bytes | None = None
-        self.xf_proto: bytes | None = None
-        self.has_request_id = False
-        self.keep_alive = True
-        self.http10 = False
-        self.route: Route | None = None
         self.endpoint: EndpointState | None = None
-        self.tried: EndpointState | None = None
         self.attempts = 0
-        self.stale_retry = False
-        self.up_head = b""
         self.up_ready = False  # head written to the upstream; body goes straight through
-        self.up_wbuf: list[bytes] = []
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
         self.body_sent = False
         self.req_done = False
         self.resp_started = False
         self.resp_done = False
         self.status = 0
         self.discarding = False
+        if self.rare:
+            self._reset_rare()
+
+    def _reset_rare(self) -> None:
+        self.rare = False
+        self.method = b""
+        self.path = ""
+        self.has_body = False
+        self.keep_alive = True
+        self.http10 = False
+        self.route: Route | None = None
+        self.up_head = b""
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.xff: bytes | None = None
+        self.xf_proto: bytes | None = None
+        self.has_request_id = False
+        self.tried: EndpointState | None = None
+        self.stale_retry = False
+        self.up_wbuf: list[bytes] = []
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -195,6 +204,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.dp.connections.add(self)
         settings = self.dp.settings
         self.read_timeout = settings.read_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
         self.header_timeout = settings.client_header_timeout
         self.max_header_bytes = settings.max_header_bytes
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
@@ -273,6 +283,15 @@ class DownstreamProtocol(asyncio.Protocol):
             if not self.read_paused_by and self.phase != CLOSED:
                 transport.resume_reading()
 
+    # -- what balancers may read (balancing.RequestView) ------------------------------
+
+    def header(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        for (_, value), lname in zip(self.headers, self.lowered, strict=True):
+            if lname == name:
+                return value
+        return None
+
     # -- httptools callbacks: the request ------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -316,6 +335,7 @@ class DownstreamProtocol(asyncio.Protocol):
         elif first == 116 and lname == b"transfer-encoding":  # t
             self.chunked = True
         elif first == 120:  # x
+            self.rare = True
             if lname == b"x-forwarded-for":
                 self.xff = value if self.xff is None else self.xff + b", " + value
             elif lname == b"x-request-id":
@@ -323,17 +343,24 @@ class DownstreamProtocol(asyncio.Protocol):
             elif lname == b"x-forwarded-proto":
                 self.xf_proto = value
         elif first == 101 and lname == b"expect":  # e
+            self.rare = True
             if value.lower() == b"100-continue":
                 self.expect_continue = True
             else:
                 raise ClientProtocolError(417, "unsupported expectation")
         elif first == 117 and lname == b"upgrade":  # u
+            self.rare = True
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         # Read the parser now: for a queued (pipelined) request it moves on before we replay.
-        args = (parser.get_method(), parser.get_http_version(), parser.should_keep_alive())
+        keep_alive = parser.should_keep_alive()
+        # A 1.0 request is kept alive only with "Connection: keep-alive"; without any
+        # Connection field a kept-alive request is 1.1, and get_http_version (which formats
+        # a string) is not needed.
+        version = parser.get_http_version() if self.conn_tokens or not keep_alive else "1.1"
+        args = (parser.get_method(), version, keep_alive)
         if self.queued is not None:
             self._queue(self._headers_complete, args)
             return
@@ -348,7 +375,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.http10 = version == "1.0"
         self.keep_alive = keep_alive and not dp.draining
         self.phase = WAITING_UPSTREAM
-        self.deadline = dp.now + settings.read_timeout
+        self.deadline = dp.now + self.read_timeout
         if self.host_count > 1 or (self.host_count == 0 and not self.http10):
             raise ClientProtocolError(400, "a request needs exactly one Host (RFC 9112 3.2)")
         # Framing of the request body (RFC 9112 6.3); llhttp already rejected CL + TE.
@@ -433,6 +460,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.up_wbuf.append(body)
             self.body_sent = True
         else:
+            self.rare = True
             self.pending.append(body)
             self.pending_bytes += len(body)
             if self.pending_bytes > PENDING_BODY_HIGH_WATER:
@@ -517,9 +545,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.begin(self, skip_body=self.method == b"HEAD")
+        conn.exchange = self  # UpstreamConnection.begin, inlined on the hot path
+        conn.received = False
+        conn.in_head = True
+        conn.done = False
+        conn.skip_body = self.method == b"HEAD"
         self.phase = WAITING_UPSTREAM
-        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.read_timeout
         self.up_ready = True
         self.up_wbuf.append(self.up_head)
         if self.pending:
@@ -595,7 +627,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 # Upstream answered before the body ended: read and drop the rest (nginx's
                 # lingering discard) so the connection stays usable for the next request.
                 self.discarding = True
-        self._release_endpoint()
+        if endpoint is not None:  # _release_endpoint, inlined
+            endpoint.in_flight -= 1
+            self.endpoint = None
         if self.req_done:
             self._finish()
 
@@ -642,6 +676,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         endpoint = self.endpoint
         assert endpoint is not None
+        self.rare = True
         if conn.reused and not conn.received and not self.stale_retry and not self.body_sent:
             # A pooled connection the upstream had closed meanwhile: not the endpoint's fault.
             self.stale_retry = True
@@ -665,6 +700,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def _upstream_failed(self, endpoint: EndpointState, reason: str, body_sent: bool, timeout: bool = False) -> None:  # fmt: skip
         route = self.route
         assert route is not None
+        self.rare = True
         self.dp.registry.record_failure(endpoint, route.cluster.hosts)
         self._release_endpoint()
         self.up_ready = False
@@ -690,6 +726,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def respond_local(self, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
         """Answer from edgeproxy itself; the rest of the request body is read and dropped."""
+        self.rare = True
         self.status = status
         self.resp_started = self.resp_done = True
         self.discarding = True
@@ -734,13 +771,13 @@ class DownstreamProtocol(asyncio.Protocol):
     def _finish(self) -> None:
         if self.phase == CLOSED:
             return
-        self._count()
+        self.dp.status_counts[self.status] += 1
         if not self.keep_alive or self.upgrading:
             self._close_client()
             return
         self._reset_exchange()
         self.phase = IDLE
-        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+        self.deadline = self.dp.now + self.keepalive_timeout
         queued = self.queued
         if queued is not None:
             self.queued = None

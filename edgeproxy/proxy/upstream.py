@@ -52,8 +52,9 @@ class ResponseHead:
         head = raw
         at = lower.find(b"\r\nconnection:")
         if at >= 0:
-            value = lower[at + 13 : lower.find(b"\r\n", at + 13)]
-            extra = {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS
+            value = lower[at + 13 : lower.find(b"\r\n", at + 13)].strip()
+            extra = () if value in PLAIN_CONNECTION_TOKENS else (
+                {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS)  # fmt: skip
             if extra:  # fields named by Connection are hop-by-hop too
                 names = b"|".join(re.escape(t) for t in extra)
                 head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
@@ -222,7 +223,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self.in_head:
-            self._message_done()
+            self.until_close = False  # _message_done, inlined on the hot path
+            self.done = True
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.response_complete(self)
 
     def _message_done(self) -> None:
         self.until_close = False
