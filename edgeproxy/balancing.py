@@ -216,6 +216,8 @@ def choose(
 ) -> EndpointState | None:
     """Pick an endpoint of the cluster, honouring ejection, panic mode and an excluded host."""
     balancer = cluster.balancer
+    if cluster.outlier is not None:
+        panic_percent = cluster.outlier.panic_threshold_percent
     if balancer is None:
         return None
     if not ejected_anywhere and exclude is None:

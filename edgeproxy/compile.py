@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from edgeproxy.config import CONTROLLER_NAME
+from edgeproxy.config import CONTROLLER_NAME, OutlierSettings
 from edgeproxy.objects import K8sObject, Snapshot
 from edgeproxy.routing import Cluster, EndpointKey, HostRoutes, Route, RouteTable
 
@@ -24,6 +24,14 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ANNOTATION_PREFIX = "edgeproxy.io/"
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 HASH_BY = re.compile(r"^(client-ip|path|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|cookie:[^\s;=,]+)$")
+# edgeproxy.io/<annotation> -> OutlierSettings field (per Ingress; flags set the defaults).
+OUTLIER_ANNOTATIONS = (
+    ("outlier-consecutive-failures", "consecutive_gateway_failures", int),
+    ("outlier-base-ejection-time", "base_ejection_time", float),
+    ("outlier-max-ejection-time", "max_ejection_time", float),
+    ("outlier-max-ejection-percent", "max_ejection_percent", float),
+    ("outlier-panic-threshold", "panic_threshold_percent", float),
+)
 # RFC 1123 DNS subdomain, optionally with one leading "*." label (Ingress host rules).
 HOST_RE = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -90,7 +98,8 @@ def is_served(ingress: K8sObject, classes: set[str], default: bool) -> bool:
 class _Resolver:
     """Service + port -> Cluster, memoised per compile so Ingresses share clusters."""
 
-    def __init__(self, snapshot: Snapshot, balancers: Collection[str], default_balancer: str):
+    def __init__(self, snapshot: Snapshot, balancers: Collection[str], default_balancer: str,
+                 outlier_defaults: OutlierSettings) -> None:  # fmt: skip
         self.services: dict[tuple[str, str], K8sObject] = {}
         self.slices: dict[tuple[str, str], list[K8sObject]] = {}
         for (_, ns, name), obj in snapshot.of_kind("Service"):
@@ -103,6 +112,7 @@ class _Resolver:
         self.balancers = balancers
         self.default_balancer = default_balancer
         self.clusters: dict[tuple[Any, ...], Cluster] = {}
+        self.outlier_defaults = outlier_defaults
         self.diagnostics: list[str] = []
 
     def balancer_of(self, where: str, annotations: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -122,6 +132,25 @@ class _Resolver:
                     f"Ingress {where}: malformed hash-by {hash_by!r}; using client-ip"
                 )
         return name, options
+
+    def outlier_of(self, where: str, annotations: dict[str, str]) -> OutlierSettings | None:
+        """Per-Ingress outlier settings from edgeproxy.io/outlier-* annotations, if any."""
+        overrides: dict[str, float] = {}
+        for suffix, field_name, kind in OUTLIER_ANNOTATIONS:
+            raw = annotations.get(ANNOTATION_PREFIX + suffix)
+            if raw is None:
+                continue
+            try:
+                value = kind(raw)
+                if value < 0:
+                    raise ValueError
+            except ValueError:
+                self.diagnostics.append(f"Ingress {where}: {suffix}={raw!r} is not a number >= 0; ignored")  # fmt: skip
+                continue
+            overrides[field_name] = value
+        if not overrides:
+            return None
+        return replace(self.outlier_defaults, **overrides)  # type: ignore[arg-type]
 
     def cluster(
         self, where: str, namespace: str, backend: Any, annotations: dict[str, str]
@@ -147,8 +176,9 @@ class _Resolver:
             return None
         balancer, options = self.balancer_of(where, annotations)
         backend_tls = annotations.get(ANNOTATION_PREFIX + "backend-protocol", "").upper() == "HTTPS"
+        outlier = self.outlier_of(where, annotations)
         memo = (namespace, svc_name, port_number, port_name, balancer,
-                tuple(sorted(options.items())), backend_tls)  # fmt: skip
+                tuple(sorted(options.items())), backend_tls, outlier)  # fmt: skip
         cached = self.clusters.get(memo)
         if cached is not None:
             return cached
@@ -174,7 +204,8 @@ class _Resolver:
                 self.diagnostics.append(f"Ingress {where}: ExternalName {label} has no name/port")
                 return None
             keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
-            cluster = Cluster(label, keys, balancer, options, backend_tls, target.rstrip("."))
+            cluster = Cluster(label, keys, balancer, options, backend_tls, target.rstrip("."),
+                              outlier=outlier)  # fmt: skip
         else:
             if svc_port is None:
                 self.diagnostics.append(
@@ -183,7 +214,7 @@ class _Resolver:
                 )
                 return None
             keys = self.endpoints(namespace, svc_name, svc_port)
-            cluster = Cluster(label, keys, balancer, options, backend_tls)
+            cluster = Cluster(label, keys, balancer, options, backend_tls, outlier=outlier)
         self.clusters[memo] = cluster
         return cluster
 
@@ -237,9 +268,10 @@ def compile_routes(
     only_class: str | None = None,
     balancers: Collection[str] = ("round_robin",),
     default_balancer: str = "round_robin",
+    outlier: OutlierSettings | None = None,
 ) -> CompileResult:
     classes, default = served_classes(snapshot, only_class)
-    resolver = _Resolver(snapshot, balancers, default_balancer)
+    resolver = _Resolver(snapshot, balancers, default_balancer, outlier or OutlierSettings())
     diagnostics = resolver.diagnostics
     groups: dict[str, tuple[dict[str, Route], dict[str, Route]]] = {}
     default_route: Route | None = None

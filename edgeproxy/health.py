@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from edgeproxy.config import OutlierSettings
@@ -19,6 +19,7 @@ from edgeproxy.routing import EndpointKey
 
 if TYPE_CHECKING:
     from edgeproxy.proxy.upstream import UpstreamConnection
+    from edgeproxy.routing import Cluster
 
 log = logging.getLogger("edgeproxy.health")
 
@@ -107,11 +108,12 @@ class EndpointRegistry:
     def record_success(self, state: EndpointState) -> None:
         state.consecutive_failures = 0
 
-    def record_failure(self, state: EndpointState, peers: Sequence[EndpointState]) -> None:
+    def record_failure(self, state: EndpointState, cluster: Cluster) -> None:
         """A gateway failure: connect refused, reset, timeout, or 502/503/504 from the upstream."""
         state.failures += 1
         state.consecutive_failures += 1
-        settings = self.outlier
+        settings = cluster.outlier or self.outlier
+        peers = cluster.hosts
         if state.consecutive_failures < settings.consecutive_gateway_failures:
             return
         now = self.clock()

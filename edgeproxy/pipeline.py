@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Collection
 
 from edgeproxy.compile import CompileResult, compile_routes
+from edgeproxy.config import OutlierSettings
 from edgeproxy.objects import ObjectStore
 from edgeproxy.proxy.dataplane import Dataplane
 
@@ -29,7 +30,9 @@ class RoutePipeline:
         balancers: Collection[str],
         default_balancer: str,
         loop: asyncio.AbstractEventLoop,
+        outlier: OutlierSettings | None = None,
     ) -> None:
+        self.outlier = outlier
         self.store = store
         self.dataplanes = dataplanes
         self.only_class = only_class
@@ -60,6 +63,7 @@ class RoutePipeline:
                 only_class=self.only_class,
                 balancers=self.balancers,
                 default_balancer=self.default_balancer,
+                outlier=self.outlier,
             )
         except Exception:  # compile is meant to be total; if not, keep the last good table
             log.exception("compiling routes failed; the last good table keeps serving")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from edgeproxy.config import OutlierSettings
+
 if TYPE_CHECKING:
     from edgeproxy.balancing import Balancer
     from edgeproxy.health import EndpointState
@@ -33,6 +35,7 @@ class Cluster:
     balancer_options: Mapping[str, Any] = field(default_factory=dict)
     upstream_tls: bool = False
     external_name: str | None = None  # Service type ExternalName: resolve on connect
+    outlier: OutlierSettings | None = None  # per-Ingress override of the global flags
     hosts: tuple[EndpointState, ...] = ()
     balancer: Balancer | None = None
 

@@ -63,7 +63,7 @@ async def serve(
     store = ObjectStore()
     pipeline = RoutePipeline(
         store, [dp], only_class=args.ingress_class, balancers=balancer_types,
-        default_balancer=settings.default_balancer, loop=loop,
+        default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
     )  # fmt: skip
     certificates = CertificateStore(args.default_certificate)
     pipeline.on_published.append(lambda result: certificates.update(store.snapshot(), result.tls))

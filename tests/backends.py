@@ -29,7 +29,7 @@ class Pods:
         self.connections: dict[str, int] = {}
         self.requests: list[tuple[str, Message]] = []
         self.port = 0
-        self.fail_with: dict[str, int] = {}  # address -> status to answer every request with
+        self.fail_with: dict[str, int] = {}  # address -> status for every request (0: reset)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, *addresses: str, port: int = 0) -> int:
@@ -94,6 +94,9 @@ class Pods:
         method = msg.method
         if address in self.fail_with:
             status = self.fail_with[address]
+            if status == 0:  # reset without answering
+                writer.transport.abort()
+                return False
             writer.write(b"HTTP/1.1 %d Failing\r\nContent-Length: 0\r\n\r\n" % status)
             await writer.drain()
             return True

@@ -40,14 +40,18 @@ class EdgeProxy:
         self.admin = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    async def start(self, *extra: str, https: bool = False) -> EdgeProxy:
+    async def start(self, *extra: str, https: bool = False, pythonpath: str | None = None) -> EdgeProxy:  # fmt: skip
         argv = [sys.executable, "-m", "edgeproxy.cli", "run", "--manifests", str(self.manifests),
                 "--http", f"127.0.0.1:{self.http}", "--admin", f"127.0.0.1:{self.admin}",
                 "--reload-interval", "0.1", *extra]  # fmt: skip
         if https:
             argv += ["--https", f"127.0.0.1:{self.https}"]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=env)  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,11 +102,12 @@ def manifests(tmp_path: Path) -> Path:
 async def proxy_factory(tmp_path: Path, manifests: Path) -> AsyncIterator[Any]:
     started: list[EdgeProxy] = []
 
-    async def start(objects: list[dict[str, Any]], *extra: str, https: bool = False) -> EdgeProxy:
+    async def start(objects: list[dict[str, Any]], *extra: str, https: bool = False,
+                    pythonpath: str | None = None) -> EdgeProxy:  # fmt: skip
         k8s.write(manifests, objects)
         proxy = EdgeProxy(manifests, tmp_path / f"edgeproxy-{len(started)}.log")
         started.append(proxy)
-        return await proxy.start(*extra, https=https)
+        return await proxy.start(*extra, https=https, pythonpath=pythonpath)
 
     yield start
     for proxy in started:

@@ -2,7 +2,7 @@
 
 Timeouts are deadlines checked by one periodic sweep rather than a timer per request, like
 nginx's cached time: the hot path only adds a number. The sweep's tick is a quarter of the
-shortest timeout (at least 50 ms, at most 1 s), which bounds how late a timeout fires.
+shortest timeout (at least 50 ms, at most MAX_TICK), which bounds how late a timeout fires.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from edgeproxy.proxy.downstream import DownstreamProtocol
 
 POOL_SWEEP_INTERVAL = 1.0
+MAX_TICK = 0.25  # bounds how late a deadline or an ejection's end is noticed
 HOST_CACHE_SIZE = 4096
 
 
@@ -48,7 +49,7 @@ class Dataplane:
             settings.connect_timeout, settings.read_timeout, settings.client_header_timeout,
             settings.keepalive_timeout,
         )  # fmt: skip
-        self.tick = min(1.0, max(0.05, shortest / 4))
+        self.tick = min(MAX_TICK, max(0.05, shortest / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_pool_sweep = self.now
 
@@ -98,5 +99,5 @@ class Dataplane:
                     state.idle = [c for c in state.idle if c.idle_since >= expire]
                     for c in stale:
                         c.close()
-            self.registry.refresh_ejections()
+        self.registry.refresh_ejections()
         self._sweeper = self.loop.call_later(self.tick, self._sweep)

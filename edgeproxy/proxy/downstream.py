@@ -496,7 +496,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 dp.settings.outlier.panic_threshold_percent, exclude,
             )  # fmt: skip
         if endpoint is None:
-            self.respond_local(503, error_body(503))
+            # No endpoint at all is 503; none left to retry on, after a failure, is that 502.
+            status = 503 if exclude is None else 502
+            self.respond_local(status, error_body(status))
             return
         self.attempts += 1
         self.endpoint = endpoint
@@ -609,7 +611,7 @@ class DownstreamProtocol(asyncio.Protocol):
         endpoint = self.endpoint
         if endpoint is not None:
             if self.status in GATEWAY_FAILURE_STATUSES:
-                self.dp.registry.record_failure(endpoint, self.route.cluster.hosts)  # type: ignore[union-attr]
+                self.dp.registry.record_failure(endpoint, self.route.cluster)  # type: ignore[union-attr]
             else:
                 endpoint.consecutive_failures = 0
         self.upstream = None
@@ -677,8 +679,10 @@ class DownstreamProtocol(asyncio.Protocol):
         endpoint = self.endpoint
         assert endpoint is not None
         self.rare = True
-        if conn.reused and not conn.received and not self.stale_retry and not self.body_sent:
-            # A pooled connection the upstream had closed meanwhile: not the endpoint's fault.
+        if (conn.reused and not conn.received and not self.stale_retry and not self.body_sent
+                and len(self.route.cluster.hosts) == 1):  # type: ignore[union-attr]  # fmt: skip
+            # A pooled connection the upstream closed meanwhile, and no other endpoint to try:
+            # once more on a fresh connection. With a choice, the retry goes elsewhere.
             self.stale_retry = True
             self.up_ready = False
             self.up_wbuf.clear()
@@ -701,7 +705,7 @@ class DownstreamProtocol(asyncio.Protocol):
         route = self.route
         assert route is not None
         self.rare = True
-        self.dp.registry.record_failure(endpoint, route.cluster.hosts)
+        self.dp.registry.record_failure(endpoint, route.cluster)
         self._release_endpoint()
         self.up_ready = False
         self.up_wbuf.clear()
