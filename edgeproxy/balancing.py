@@ -23,6 +23,7 @@ import bisect
 import hashlib
 import logging
 import random
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -100,34 +101,41 @@ class LeastConnections:
             best = a if a.in_flight <= b.in_flight else b
             if accept is None or accept(best):
                 return best
-        best = None
-        ties = 0
-        start = random.randrange(n)  # random start + strict "<" = random tie-breaking
-        for step in range(n):
-            host = self.hosts[(start + step) % n]
+        lowest = 1 << 62
+        ties: list[EndpointState] = []
+        for host in self.hosts:
             if accept is not None and not accept(host):
                 continue
-            if best is None or host.in_flight < best.in_flight:
-                best, ties = host, 1
-            elif host.in_flight == best.in_flight:
-                ties += 1
-                if random.randrange(ties) == 0:
-                    best = host
-        return best
+            in_flight = host.in_flight
+            if in_flight < lowest:
+                lowest = in_flight
+                ties = [host]
+            elif in_flight == lowest:
+                ties.append(host)
+        if len(ties) > 1:
+            return ties[int(random.random() * len(ties))]
+        return ties[0] if ties else None
 
 
 VNODES_PER_HOST = 160  # ketama's default; keeps load within a few percent of even
 
 
-def _hash64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+def _point(data: bytes) -> int:
+    """Ring position of a virtual node: 32 bits of BLAKE2b, well spread, built once per set."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "big")
+
+
+def _key_hash(key: bytes) -> int:
+    """Ring position of a request key: CRC-32 (C, fast, the same in every worker process;
+    Python's hash() is salted per process, which would split a client across workers)."""
+    return zlib.crc32(key)
 
 
 @lru_cache(maxsize=256)
 def _ring(keys: tuple[EndpointKey, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(sorted point hashes, index of the host owning each point); cached per endpoint set."""
     points = sorted(
-        (_hash64(f"{addr}:{port}-{v}".encode()), i)
+        (_point(f"{addr}:{port}-{v}".encode()), i)
         for i, (addr, port) in enumerate(keys)
         for v in range(VNODES_PER_HOST)
     )
@@ -170,19 +178,15 @@ class ConsistentHash:
         if not self.hosts:
             return None
         points = self.points
-        i = bisect.bisect(points, _hash64(self.key_of(request)))
+        i = bisect.bisect(points, _key_hash(self.key_of(request)))
         count = len(points)
         if accept is None:
             return self.hosts[self.owners[i % count]]
         # Walk the ring to the next acceptable owner: the keys of an ejected host spread out.
-        seen = 0
         for step in range(count):
             host = self.hosts[self.owners[(i + step) % count]]
             if accept(host):
                 return host
-            seen += 1
-            if seen > len(self.hosts) * VNODES_PER_HOST:
-                break
         return None
 
 
@@ -213,6 +217,7 @@ def choose(
     ejected_anywhere: int,
     panic_percent: float,
     exclude: EndpointState | None = None,
+    ejection_epoch: int = -2,
 ) -> EndpointState | None:
     """Pick an endpoint of the cluster, honouring ejection, panic mode and an excluded host."""
     balancer = cluster.balancer
@@ -223,8 +228,10 @@ def choose(
     if not ejected_anywhere and exclude is None:
         return balancer.pick(request)
     hosts = cluster.hosts
-    healthy = sum(1 for h in hosts if h.ejected_until <= now)
-    if hosts and healthy * 100 < panic_percent * len(hosts):
+    if cluster.healthy_epoch != ejection_epoch:  # recount only after an ejection or a return
+        cluster.healthy = sum(1 for h in hosts if h.ejected_until <= now)
+        cluster.healthy_epoch = ejection_epoch
+    if hosts and cluster.healthy * 100 < panic_percent * len(hosts):
         # Panic mode (Envoy): too few healthy hosts; balance over all rather than fail.
         def accept(h: EndpointState) -> bool:
             return h is not exclude

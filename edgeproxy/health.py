@@ -79,6 +79,7 @@ class EndpointRegistry:
         self.clock = clock
         self.outlier = outlier
         self.ejected_count = 0  # lets the hot path skip health checks when nothing is ejected
+        self.ejection_epoch = 0  # bumped on every ejection and return: clusters recount then
 
     def get(self, key: EndpointKey) -> EndpointState:
         state = self.states.get(key)
@@ -101,6 +102,7 @@ class EndpointRegistry:
             state.close_idle()
             if state.ejected_until > self.clock():
                 self.ejected_count -= 1
+                self.ejection_epoch += 1
         return gone
 
     # -- outlier detection -------------------------------------------------------------
@@ -134,6 +136,7 @@ class EndpointRegistry:
         state.ejected_until = now + duration
         state.consecutive_failures = 0
         self.ejected_count += 1
+        self.ejection_epoch += 1
         log.warning(
             "endpoint %s ejected for %.0fs after %d consecutive gateway failures (ejection #%d)",
             state.label, duration, settings.consecutive_gateway_failures, state.ejections,
@@ -149,6 +152,7 @@ class EndpointRegistry:
             if state.ejected_until:
                 if state.ejected_until <= now:
                     state.ejected_until = 0.0
+                    self.ejection_epoch += 1
                     log.warning("endpoint %s returns to rotation", state.label)
                 else:
                     count += 1

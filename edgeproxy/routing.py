@@ -38,6 +38,8 @@ class Cluster:
     outlier: OutlierSettings | None = None  # per-Ingress override of the global flags
     hosts: tuple[EndpointState, ...] = ()
     balancer: Balancer | None = None
+    healthy: int = 0  # hosts not ejected, as of the registry's ejection epoch healthy_epoch
+    healthy_epoch: int = -1
 
 
 @dataclass(frozen=True, slots=True)

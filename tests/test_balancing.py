@@ -155,10 +155,10 @@ def test_panic_mode_balances_over_all_when_too_few_are_healthy() -> None:
     states = hosts(3)
     cluster = cluster_of(states, RoundRobin(states, {}))
     states[0].ejected_until = states[1].ejected_until = clock.now + 30
-    picks = {choose(cluster, Req(), clock.now, 2, 50.0).key for _ in range(30)}  # type: ignore[union-attr]
+    picks = {choose(cluster, Req(), clock.now, 2, 50.0, None, 1).key for _ in range(30)}  # type: ignore[union-attr]
     assert len(picks) == 3  # 1 of 3 healthy < 50%: everyone takes traffic
     states[1].ejected_until = 0.0
-    picks = {choose(cluster, Req(), clock.now, 1, 50.0).key for _ in range(30)}  # type: ignore[union-attr]
+    picks = {choose(cluster, Req(), clock.now, 1, 50.0, None, 2).key for _ in range(30)}  # type: ignore[union-attr]
     assert picks == {states[1].key, states[2].key}
 
 

@@ -493,7 +493,7 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             endpoint = choose(
                 cluster, self, dp.now, dp.registry.ejected_count,
-                dp.settings.outlier.panic_threshold_percent, exclude,
+                dp.settings.outlier.panic_threshold_percent, exclude, dp.registry.ejection_epoch,
             )  # fmt: skip
         if endpoint is None:
             # No endpoint at all is 503; none left to retry on, after a failure, is that 502.
