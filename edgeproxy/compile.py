@@ -288,7 +288,7 @@ def compile_routes(
         ann = _annotations(ing)
         tls_hosts = _tls(spec, ns, where, tls, diagnostics)
         ssl_redirect = ann.get(ANNOTATION_PREFIX + "ssl-redirect", "true").lower() != "false"
-        hsts = ann.get(ANNOTATION_PREFIX + "hsts")
+        hsts = _hsts(ann.get(ANNOTATION_PREFIX + "hsts"))
         if spec.get("defaultBackend") is not None:
             cluster = resolver.cluster(where, ns, spec["defaultBackend"], ann)
             if cluster is not None:
@@ -361,6 +361,15 @@ def compile_routes(
         snapshot.generation,
     )
     return CompileResult(table, tuple(tls), diagnostics, tuple(served))
+
+
+def _hsts(value: str | None) -> bytes | None:
+    """edgeproxy.io/hsts: "true" for a year, or the Strict-Transport-Security value itself."""
+    if value is None or value.lower() == "false":
+        return None
+    if value.lower() == "true":
+        value = "max-age=31536000"
+    return b"Strict-Transport-Security: " + value.encode("latin-1", "replace") + b"\r\n"
 
 
 def _prefix_key(path: str) -> str:

@@ -50,7 +50,7 @@ class Route:
     path_type: str
     cluster: Cluster
     ssl_redirect: bool = False
-    hsts: str | None = None
+    hsts: bytes | None = None  # the whole Strict-Transport-Security line, for HTTPS responses
 
 
 @dataclass(frozen=True, slots=True)

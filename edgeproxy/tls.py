@@ -115,7 +115,7 @@ class CertificateStore:
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}
         self._contexts: dict[tuple[str, str], tuple[bytes, ssl.SSLContext]] = {}
-        self._default_fingerprint = b""
+        self._reported: set[str] = set()  # one log line per problem, not one per rebuild
         self.default = self._self_signed()
 
     def _self_signed(self) -> ssl.SSLContext:
@@ -164,7 +164,7 @@ class CertificateStore:
         secret = snapshot.objects.get(("Secret", ns, name))
         label = f"Secret {ns}/{name} ({where})"
         if secret is None:
-            log.warning("%s not found; its hosts use the default certificate", label)
+            self._report(f"{label} not found; its hosts use the default certificate")
             return None
         try:
             cert, key = secret_pem(secret, label)
@@ -174,11 +174,16 @@ class CertificateStore:
                 return cached[1]
             ctx = context_from_pem(cert, key, label)
         except BadCertificate as exc:
-            log.warning("%s; its hosts use the default certificate", exc)
+            self._report(f"{exc}; its hosts use the default certificate")
             return None
         self._contexts[(ns, name)] = (fingerprint, ctx)
         log.info("%s loaded", label)
         return ctx
+
+    def _report(self, line: str) -> None:
+        if line not in self._reported:
+            self._reported.add(line)
+            log.warning("%s", line)
 
     def update(self, snapshot: Snapshot, bindings: Iterable[TlsBinding]) -> None:
         exact: dict[str, ssl.SSLContext] = {}

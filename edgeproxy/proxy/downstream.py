@@ -598,6 +598,8 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
             rechunk = True
+        if self.scheme == b"https" and self.route is not None and self.route.hsts:
+            framing += self.route.hsts  # RFC 6797: only over a secure transport
         if not self.keep_alive:
             self.wbuf.append(head.head + framing + b"Connection: close\r\n\r\n")
         elif self.http10:

@@ -1,0 +1,216 @@
+"""HTTPS: SNI certificates from Secrets, rotation, redirects, bad Secrets, TLS to backends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import ssl
+import warnings
+from typing import Any
+
+import pytest
+import trustme
+
+from tests import k8s
+from tests.backends import Pods
+from tests.conftest import simple_site
+from tests.http1 import Client, fetch, read_body, read_head
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_secret(name: str, cert: trustme.LeafCert | None = None, *, crt: bytes | None = None,
+               key: bytes | None = None) -> dict[str, Any]:  # fmt: skip
+    crt = crt if crt is not None else b"".join(b.bytes() for b in cert.cert_chain_pems)  # type: ignore[union-attr]
+    key = key if key is not None else cert.private_key_pem.bytes()  # type: ignore[union-attr]
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": k8s.NS},
+            "data": {"tls.crt": base64.b64encode(crt).decode(), "tls.key": base64.b64encode(key).decode()}}  # fmt: skip
+
+
+def site_with_tls(port: int, tls: list[dict[str, Any]], secrets: list[dict[str, Any]],
+                  annotations: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    objs = simple_site(port, "127.0.0.2")
+    objs[1] = k8s.ingress("site", [(None, [k8s.path("/", "web")]),
+                                   ("secure.example.com", [k8s.path("/", "web")])],
+                          tls=tls, annotations=annotations)  # fmt: skip
+    return objs + secrets
+
+
+async def handshake(port: int, server_name: str | None, *, minimum: ssl.TLSVersion | None = None,
+                    maximum: ssl.TLSVersion | None = None) -> tuple[ssl.SSLObject, Client]:  # fmt: skip
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we inspect the certificate ourselves
+    ctx.set_alpn_protocols(["http/1.1"])
+    if minimum:
+        ctx.minimum_version = minimum
+    if maximum:
+        ctx.maximum_version = maximum
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                   server_hostname=server_name)  # fmt: skip
+    return writer.get_extra_info("ssl_object"), Client(reader, writer)
+
+
+def subject_names(sslobj: ssl.SSLObject) -> list[str]:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(sslobj.getpeercert(binary_form=True))  # type: ignore[arg-type]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return san.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        return []
+
+
+async def test_certificate_is_chosen_by_sni(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    exact = ca.issue_cert("secure.example.com")
+    wild = ca.issue_cert("*.wild.example.com")
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "exact"},
+                                {"hosts": ["*.wild.example.com"], "secretName": "wild"}],
+                         [tls_secret("exact", exact), tls_secret("wild", wild)])  # fmt: skip
+    proxy = await proxy_factory(objs, https=True)
+    cases = {"secure.example.com": ["secure.example.com"], "a.wild.example.com": ["*.wild.example.com"],
+             "unknown.example.org": [], None: []}  # fmt: skip
+    for name, expected in cases.items():
+        sslobj, client = await handshake(proxy.https, name)
+        assert subject_names(sslobj) == expected, name  # [] = the self-signed default
+        assert sslobj.selected_alpn_protocol() == "http/1.1"
+        resp = await client.request("GET", "/", host=name or "secure.example.com")
+        data = json.loads(resp.body)
+        assert ["X-Forwarded-Proto", "https"] in data["headers"]
+        await client.close()
+
+
+async def test_tls_1_1_is_refused_and_1_2_and_1_3_work(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), https=True)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        sslobj, client = await handshake(proxy.https, "x", minimum=version, maximum=version)
+        assert sslobj.version() == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+        await client.close()
+    # A client that offers only TLS 1.1 (SECLEVEL=0 lets this OpenSSL offer it at all) must be
+    # refused by the server: the alert says "protocol version", not "no protocols available".
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises((ssl.SSLError, ConnectionResetError)) as refused:
+        await asyncio.open_connection("127.0.0.1", proxy.https, ssl=ctx, server_hostname="x")
+    assert "NO_PROTOCOLS_AVAILABLE" not in str(refused.value), refused.value
+
+
+async def test_rotated_secret_serves_new_handshakes_and_keeps_old_connections(ca: trustme.CA, pods: Pods, proxy_factory: Any, manifests: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    first = ca.issue_cert("secure.example.com", not_after=datetime.datetime(2031, 1, 1))
+    second = ca.issue_cert("secure.example.com", not_after=datetime.datetime(2032, 1, 1))
+    tls = [{"hosts": ["secure.example.com"], "secretName": "cert"}]
+    proxy = await proxy_factory(site_with_tls(port, tls, [tls_secret("cert", first)]), https=True)
+    old_obj, old_client = await handshake(proxy.https, "secure.example.com")
+    old_serial = old_obj.getpeercert(binary_form=True)
+    assert (await old_client.request("GET", "/", host="secure.example.com")).status == 200
+    k8s.write(manifests, site_with_tls(port, tls, [tls_secret("cert", second)]))
+    for _ in range(60):
+        await asyncio.sleep(0.05)
+        new_obj, new_client = await handshake(proxy.https, "secure.example.com")
+        changed = new_obj.getpeercert(binary_form=True) != old_serial
+        await new_client.close()
+        if changed:
+            break
+    else:
+        raise AssertionError("the rotated certificate never reached new handshakes")
+    assert (await old_client.request("GET", "/again", host="secure.example.com")).status == 200
+    await old_client.close()
+
+
+async def test_http_is_redirected_to_https_for_tls_hosts_unless_opted_out(ca: trustme.CA, pods: Pods, proxy_factory: Any, manifests: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    tls = [{"hosts": ["secure.example.com"], "secretName": "cert"}]
+    proxy = await proxy_factory(site_with_tls(port, tls, [tls_secret("cert", cert)]), https=True)
+    resp = await fetch(proxy.http, "GET", "/a/b?x=1", host="secure.example.com:8080")
+    assert resp.status == 308
+    assert resp.header("location") == "https://secure.example.com/a/b?x=1"
+    assert (await fetch(proxy.http, "GET", "/", host="plain.example.com")).status == 200
+    k8s.write(manifests, site_with_tls(port, tls, [tls_secret("cert", cert)],
+                                       {"edgeproxy.io/ssl-redirect": "false"}))  # fmt: skip
+    for _ in range(60):
+        await asyncio.sleep(0.05)
+        if (await fetch(proxy.http, "GET", "/", host="secure.example.com")).status == 200:
+            break
+    else:
+        raise AssertionError("ssl-redirect: false never took effect")
+
+
+async def test_hsts_annotation_adds_the_header_on_https_only(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                         [tls_secret("cert", cert)],
+                         {"edgeproxy.io/hsts": "max-age=600", "edgeproxy.io/ssl-redirect": "false"})  # fmt: skip
+    proxy = await proxy_factory(objs, https=True)
+    _, client = await handshake(proxy.https, "secure.example.com")
+    resp = await client.request("GET", "/", host="secure.example.com")
+    assert resp.header("strict-transport-security") == "max-age=600"
+    await client.close()
+    plain = await fetch(proxy.http, "GET", "/", host="secure.example.com")
+    assert plain.header("strict-transport-security") is None
+
+
+@pytest.mark.parametrize("problem", ["not-pem", "wrong-key", "expired"])
+async def test_bad_secret_is_skipped_and_its_hosts_get_the_default(ca: trustme.CA, pods: Pods, proxy_factory: Any, problem: str) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    good = ca.issue_cert("secure.example.com")
+    other = ca.issue_cert("other.example.com")
+    if problem == "not-pem":
+        secret = tls_secret("cert", crt=b"garbage", key=b"garbage")
+    elif problem == "wrong-key":
+        secret = tls_secret("cert", crt=good.cert_chain_pems[0].bytes(), key=other.private_key_pem.bytes())  # fmt: skip
+    else:
+        expired = ca.issue_cert("secure.example.com", not_before=datetime.datetime(2020, 1, 1),
+                                not_after=datetime.datetime(2021, 1, 1))  # fmt: skip
+        secret = tls_secret("cert", expired)
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}], [secret])
+    proxy = await proxy_factory(objs, https=True)
+    sslobj, client = await handshake(proxy.https, "secure.example.com")
+    assert subject_names(sslobj) == []  # the default certificate
+    assert (await client.request("GET", "/", host="plain.example.com")).status == 200
+    await client.close()
+    assert "Secret default/cert" in proxy.log()
+
+
+async def test_https_backend_by_annotation(ca: trustme.CA, proxy_factory: Any) -> None:
+    backend_cert = ca.issue_cert("127.0.0.2")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    backend_cert.configure_cert(server_ctx)
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        assert head is not None
+        await read_body(reader, head, request=True)
+        seen.append(head.raw_head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsecured")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.2", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    objs = simple_site(port, "127.0.0.2")
+    objs[1] = k8s.ingress("site", [(None, [k8s.path("/", "web")])],
+                          annotations={"edgeproxy.io/backend-protocol": "HTTPS"})  # fmt: skip
+    proxy = await proxy_factory(objs)
+    resp = await fetch(proxy.http, "GET", "/tls")
+    assert resp.status == 200 and resp.body == b"secured"
+    assert seen and seen[0].startswith(b"GET /tls HTTP/1.1")
+    server.close()
