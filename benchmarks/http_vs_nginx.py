@@ -12,7 +12,10 @@ Per proxy and round: req/s and p99 from wrk, the proxy process's CPU time per re
 Scenarios: `edgeproxy` (1 Ingress), `edgeproxy-10k` (the same route among 10,000 Ingresses:
 lookup cost must not grow), and optionally `--balancers` runs least_conn and hash.
 
-    python benchmarks/http_vs_nginx.py [--rounds 5] [--duration 10] [--connections 64]
+Modes: `http` (default), `https` (TLS, keep-alive: the same certificate, ECDSA P-256, for both
+proxies) and `handshake` (TLS with `Connection: close`, so every request is a new handshake).
+
+    python benchmarks/http_vs_nginx.py [--mode http|https|handshake] [--rounds 5] [--duration 10]
 
 Installs wrk and nginx with apt-get when missing. Loopback only. Writes results/http.json.
 """
@@ -89,7 +92,9 @@ http {{
                              "-p", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
-def manifests(workdir: Path, backend_port: int, extra_ingresses: int) -> Path:
+def manifests(workdir: Path, backend_port: int, extra_ingresses: int, tls: tuple[bytes, bytes] | None = None) -> Path:  # fmt: skip
+    import base64
+
     import yaml
 
     objs: list[dict] = [
@@ -113,7 +118,14 @@ def manifests(workdir: Path, backend_port: int, extra_ingresses: int) -> Path:
                     {"path": "/api", "pathType": "Prefix",
                      "backend": {"service": {"name": "api", "port": {"number": 80}}}}]}}]}}  # fmt: skip
 
-    objs.append(ingress("bench", HOST))
+    bench = ingress("bench", HOST)
+    if tls is not None:
+        bench["spec"]["tls"] = [{"hosts": [HOST], "secretName": "bench-tls"}]
+        objs.append({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                     "metadata": {"name": "bench-tls", "namespace": "bench"},
+                     "data": {"tls.crt": base64.b64encode(tls[0]).decode(),
+                              "tls.key": base64.b64encode(tls[1]).decode()}})  # fmt: skip
+    objs.append(bench)
     objs += [ingress(f"other-{i}", f"host-{i}.example.org") for i in range(extra_ingresses)]
     path = workdir / f"manifests-{extra_ingresses}"
     path.mkdir(exist_ok=True)
@@ -131,10 +143,15 @@ def proc_syscalls(pid: int) -> tuple[int, int]:
     return int(io["syscr"]), int(io["syscw"])
 
 
+MODE = "http"
+
+
 def run_wrk(port: int, duration: int, connections: int, core: int) -> dict[str, float]:
+    scheme = "http" if MODE == "http" else "https"
+    extra = ["-H", "Connection: close"] if MODE == "handshake" else []
     out = subprocess.run(
         ["taskset", "-c", str(core), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
-         "--latency", "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}{PATH}"],
+         "--latency", "-H", f"Host: {HOST}", *extra, f"{scheme}://127.0.0.1:{port}{PATH}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -168,9 +185,19 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--balancers", action="store_true", help="also least_conn and hash")
     parser.add_argument("--skip-10k", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "http.json")
+    parser.add_argument("--mode", choices=("http", "https", "handshake"), default="http")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    global MODE
+    MODE = args.mode
+    args.out = args.out or ROOT / "results" / f"{args.mode}.json"
     ensure_tools()
+    tls: tuple[bytes, bytes] | None = None
+    if args.mode != "http":
+        sys.path.insert(0, str(ROOT))
+        from edgeproxy.tls import self_signed_pem
+
+        tls = self_signed_pem(HOST)
     edgeproxy = [sys.executable, "-m", "edgeproxy.cli"]
 
     with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-") as tmp:
@@ -183,11 +210,18 @@ def main() -> int:
            location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1))  # fmt: skip
             wait_port(backend_port)
             nginx_port = free_port()
+            ssl_directives = ""
+            if tls is not None:
+                (work / "cert.pem").write_bytes(tls[0])
+                (work / "key.pem").write_bytes(tls[1])
+                ssl_directives = (f"ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem; "
+                                  "ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;")  # fmt: skip
             procs.append(start_nginx(work, "proxy", f"""
   upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
   server {{
-    listen 127.0.0.1:{nginx_port} backlog=4096;
+    listen 127.0.0.1:{nginx_port} backlog=4096 {"ssl" if tls else ""};
     server_name {HOST};
+    {ssl_directives}
     location / {{ return 404; }}
     location /api {{
       proxy_pass http://api;
@@ -213,8 +247,9 @@ def main() -> int:
                 port = free_port()
                 proc = subprocess.Popen(
                     ["taskset", "-c", "0", *edgeproxy, "run",
-                     "--manifests", str(manifests(work, backend_port, extra)),
-                     "--http", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{free_port()}",
+                     "--manifests", str(manifests(work, backend_port, extra, tls)),
+                     "--https" if tls else "--http", f"127.0.0.1:{port}",
+                     "--admin", f"127.0.0.1:{free_port()}",
                      "--log-level", "warning", *flags],
                     cwd=ROOT, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
@@ -249,7 +284,7 @@ def main() -> int:
         summary[name] = {key: statistics.median(r[key] for r in results)
                          for key in ("rps", "p99_ms", "cpu_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
     base = summary["nginx"]
-    print(f"\nmedians over {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s")
+    print(f"\n{args.mode}: medians over {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s")
     print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
     for name, s in summary.items():
         print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} "
