@@ -5,6 +5,7 @@ Off the hot path, so a framework is fine here.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import orjson
@@ -97,8 +98,10 @@ class AdminApp:
                 }
             )
         result = self.pipeline.last
+        kinds = Counter(key[0] for key in self.pipeline.store.snapshot().objects)
         body = {
             "generation": table.generation,
+            "objects": dict(sorted(kinds.items())),
             "routes": routes,
             "tls_hosts": sorted(table.tls_hosts),
             "diagnostics": result.diagnostics if result else [],

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--watch-namespace", action="append", default=[],
                        help="namespace to watch (repeatable; default all)")
         p.add_argument("--default-certificate", help="NAMESPACE/NAME of a kubernetes.io/tls Secret")
+        p.add_argument("--publish-address", help="write this IP or hostname to Ingress status")
+        p.add_argument("--publish-service",
+                       help="NAMESPACE/NAME of a Service whose addresses go to Ingress status")
+        p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                       help="namespace of the Lease that elects the one status writer")
         p.add_argument("--connect-timeout", type=float, default=Settings.connect_timeout)
         p.add_argument("--read-timeout", type=float, default=Settings.read_timeout)
         p.add_argument("--client-header-timeout", type=float,

@@ -47,6 +47,10 @@ class ObjectStore:
         self._generation = 0
         self._listeners: list[Callable[[], None]] = []
 
+    @property
+    def generation(self) -> int:
+        return self._generation
+
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 

@@ -70,6 +70,7 @@ async def serve(
     dp.upstream_ssl = certificates.upstream_context()
 
     sources_ready: list[bool] = []
+    listed_generation = [0]
     background: list[asyncio.Task[None]] = []
     if args.manifests:
         manifests = ManifestSource([Path(p) for p in args.manifests], store,
@@ -80,13 +81,32 @@ async def serve(
         from edgeproxy.sources.kube import KubeSource
 
         kube = KubeSource(store, namespaces=args.watch_namespace, kubeconfig=args.kubeconfig,
-                          in_cluster=args.in_cluster)  # fmt: skip
+                          in_cluster=args.in_cluster, default_secret=args.default_certificate)  # fmt: skip
+        pipeline.on_published.append(
+            lambda result: kube.references_changed(b.secret for b in result.tls))
         sources_ready.append(False)
 
         def kube_listed() -> None:
+            # Ready once a table compiled from at least this generation is live.
+            listed_generation[0] = store.generation
             sources_ready[0] = True
 
         background.append(loop.create_task(kube.run(on_listed=kube_listed)))
+        if primary and (args.publish_address or args.publish_service):
+            from edgeproxy.status import StatusWriter
+
+            async def write_status() -> None:
+                while kube.api is None:  # the API client is made by kube.run
+                    await asyncio.sleep(0.05)
+                writer = StatusWriter(store, kube.api, publish_address=args.publish_address,
+                                      publish_service=args.publish_service,
+                                      lease_namespace=args.lease_namespace)  # fmt: skip
+                pipeline.on_published.append(lambda r: writer.published(r.served_ingresses))
+                if pipeline.last is not None:
+                    writer.published(pipeline.last.served_ingresses)
+                await writer.run()
+
+            background.append(loop.create_task(write_status()))
     pipeline.rebuild()
     dp.start()
     import gc
@@ -113,7 +133,8 @@ async def serve(
     listening = True
 
     def ready() -> bool:
-        return listening and pipeline.last is not None and all(sources_ready)
+        return (listening and pipeline.last is not None and all(sources_ready)
+                and pipeline.published_generation >= listed_generation[0])  # fmt: skip
 
     admin_runner = None
     if primary and args.admin:

@@ -32,7 +32,7 @@ def free_port() -> int:
 class EdgeProxy:
     """`edgeproxy run` in a subprocess, exactly as a user starts it."""
 
-    def __init__(self, manifests: Path, log: Path) -> None:
+    def __init__(self, manifests: Path | None, log: Path) -> None:
         self.manifests = manifests
         self.log_path = log
         self.http = free_port()
@@ -40,8 +40,10 @@ class EdgeProxy:
         self.admin = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    async def start(self, *extra: str, https: bool = False, pythonpath: str | None = None) -> EdgeProxy:  # fmt: skip
-        argv = [sys.executable, "-m", "edgeproxy.cli", "run", "--manifests", str(self.manifests),
+    async def start(self, *extra: str, https: bool = False, pythonpath: str | None = None,
+                    wait_ready: bool = True) -> EdgeProxy:  # fmt: skip
+        source = ["--manifests", str(self.manifests)] if self.manifests else []
+        argv = [sys.executable, "-m", "edgeproxy.cli", "run", *source,
                 "--http", f"127.0.0.1:{self.http}", "--admin", f"127.0.0.1:{self.admin}",
                 "--reload-interval", "0.1", *extra]  # fmt: skip
         if https:
@@ -53,7 +55,7 @@ class EdgeProxy:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=env)  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
+        while wait_ready and time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edgeproxy exited: {self.log()}")
             try:
@@ -62,6 +64,8 @@ class EdgeProxy:
             except (TimeoutError, OSError, ConnectionError):
                 pass
             await asyncio.sleep(0.05)
+        if not wait_ready:
+            return self
         raise RuntimeError(f"edgeproxy not ready: {self.log()}")
 
     def log(self) -> str:

@@ -1,0 +1,264 @@
+"""A small Kubernetes API server emulator: LIST and WATCH over real HTTP, for edgeproxy's watch.
+
+It speaks what kubernetes-asyncio and edgeproxy use: lists with metadata.resourceVersion,
+chunked newline-delimited JSON watch streams from a resourceVersion, BOOKMARK events when
+allowWatchBookmarks is set, 410 Gone for versions older than the retained history (as an ERROR
+event, like the real API server, or as an HTTP status), fieldSelector type=... for Secrets,
+GET of a single object, and Lease / Ingress status writes. Tests drive it from the same loop:
+apply, delete, compact the history, end the open watches, stop and start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ROUTES = {
+    # plural -> (kind, namespaced)
+    "ingresses": ("Ingress", True),
+    "ingressclasses": ("IngressClass", False),
+    "services": ("Service", True),
+    "endpointslices": ("EndpointSlice", True),
+    "secrets": ("Secret", True),
+    "leases": ("Lease", True),
+}
+GROUPS = ("/api/v1", "/apis/networking.k8s.io/v1", "/apis/discovery.k8s.io/v1",
+          "/apis/coordination.k8s.io/v1")  # fmt: skip
+
+
+class FakeApiServer:
+    def __init__(self, bookmark_interval: float = 0.5, gone_as_event: bool = True) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.history: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, kind, type, obj)
+        self.rv = 100
+        self.oldest_rv = 100  # watches from before this get 410
+        self.bookmark_interval = bookmark_interval
+        self.gone_as_event = gone_as_event
+        self.changed = asyncio.Condition()
+        self.requests: list[str] = []
+        self.watch_count = 0
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self._streams: set[web.StreamResponse] = set()
+        self.event_sent_at: dict[int, float] = {}  # rv -> loop time the event left the server
+        self.finish_epoch = 0
+        self.compact_on_delete = False
+
+    # -- control, for tests ----------------------------------------------------------
+
+    async def start(self, port: int = 0) -> int:
+        app = web.Application()
+        for group in GROUPS:
+            app.router.add_get(group + "/{plural}", self._collection)
+            app.router.add_get(group + "/namespaces/{ns}/{plural}", self._collection)
+            app.router.add_get(group + "/namespaces/{ns}/{plural}/{name}", self._get)
+            app.router.add_get(group + "/{plural}/{name}", self._get)
+            app.router.add_post(group + "/namespaces/{ns}/{plural}", self._create)
+            app.router.add_put(group + "/namespaces/{ns}/{plural}/{name}", self._replace)
+            app.router.add_patch(group + "/namespaces/{ns}/{plural}/{name}/status", self._patch_status)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port or 0, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        await self.end_watches()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def finish_watches(self) -> None:
+        """End every open watch cleanly, as timeoutSeconds does: clients watch again."""
+        self.finish_epoch += 1
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def end_watches(self) -> None:
+        """Close every open watch stream, as an API server restart or a load balancer would."""
+        for stream in list(self._streams):
+            transport = stream._req.transport if stream._req else None  # type: ignore[attr-defined]
+            if transport is not None:
+                transport.close()
+        self._streams.clear()
+
+    def compact(self) -> None:
+        """Forget the event history: resuming a watch from an older version gets 410 Gone."""
+        self.history.clear()
+        self.oldest_rv = self.rv
+
+    def kubeconfig(self) -> str:
+        return f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "http://127.0.0.1:{self.port}"}}}}]
+users: [{{name: fake, user: {{token: test-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]
+current-context: fake
+"""
+
+    async def apply(self, *objects: dict[str, Any]) -> int:
+        for obj in objects:
+            obj = copy.deepcopy(obj)
+            meta = obj.setdefault("metadata", {})
+            key = self._key(obj)
+            event = "MODIFIED" if key in self.objects else "ADDED"
+            self.rv += 1
+            meta["resourceVersion"] = str(self.rv)
+            meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+            self.objects[key] = obj
+            self.history.append((self.rv, obj["kind"], event, obj))
+        async with self.changed:
+            self.changed.notify_all()
+        return self.rv
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        obj = self.objects.pop((kind, namespace if kind != "IngressClass" else "", name))
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        if self.compact_on_delete:
+            # Compacted at once, never delivered: only a LIST after 410 Gone can tell.
+            self.history.clear()
+            self.oldest_rv = self.rv + 1
+            return
+        self.history.append((self.rv, kind, "DELETED", obj))
+        async with self.changed:
+            self.changed.notify_all()
+
+    @staticmethod
+    def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
+        meta = obj["metadata"]
+        ns = "" if obj["kind"] == "IngressClass" else meta.get("namespace", "default")
+        return (obj["kind"], ns, meta["name"])
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _matches(self, obj: dict[str, Any], kind: str, ns: str | None, selector: str | None) -> bool:
+        if obj["kind"] != kind:
+            return False
+        if ns is not None and obj["metadata"].get("namespace", "default") != ns:
+            return False
+        if selector:
+            field, _, value = selector.partition("=")
+            if field == "type" and obj.get("type") != value:
+                return False
+            if field == "metadata.name" and obj["metadata"]["name"] != value:
+                return False
+        return True
+
+    async def _collection(self, request: web.Request) -> web.StreamResponse:
+        plural = request.match_info["plural"]
+        if plural not in ROUTES:
+            raise web.HTTPNotFound()
+        kind, _ = ROUTES[plural]
+        ns = request.match_info.get("ns")
+        selector = request.query.get("fieldSelector")
+        self.requests.append(f"{'WATCH' if request.query.get('watch') else 'LIST'} {kind}")
+        if request.query.get("watch") in ("true", "1"):
+            return await self._watch(request, kind, ns, selector)
+        items = [o for o in self.objects.values() if self._matches(o, kind, ns, selector)]
+        body = {"kind": f"{kind}List", "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in items]}  # fmt: skip
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _watch(self, request: web.Request, kind: str, ns: str | None, selector: str | None) -> web.StreamResponse:  # fmt: skip
+        self.watch_count += 1
+        since = int(request.query.get("resourceVersion") or self.rv)
+        bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        timeout = float(request.query.get("timeoutSeconds") or 300)
+        if since < self.oldest_rv:
+            gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {since}"}  # fmt: skip
+            if not self.gone_as_event:
+                return web.Response(status=410, body=orjson.dumps(gone), content_type="application/json")  # fmt: skip
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
+            return resp
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        self._streams.add(resp)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sent = since
+        epoch = self.finish_epoch
+        try:
+            while loop.time() < deadline and epoch == self.finish_epoch:
+                for rv, ev_kind, ev_type, obj in list(self.history):
+                    if rv > sent and ev_kind == kind and self._matches(obj, kind, ns, selector):
+                        await resp.write(orjson.dumps({"type": ev_type, "object": obj}) + b"\n")
+                        self.event_sent_at.setdefault(rv, loop.time())
+                    if rv > sent:
+                        sent = rv
+                sent = max(sent, self.rv)
+                async with self.changed:
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), self.bookmark_interval)
+                    except asyncio.TimeoutError:
+                        if bookmarks:
+                            mark = {"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
+                                    "metadata": {"resourceVersion": str(self.rv)}}}  # fmt: skip
+                            await resp.write(orjson.dumps(mark) + b"\n")
+                            sent = max(sent, self.rv)
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self._streams.discard(resp)
+        return resp
+
+    async def _get(self, request: web.Request) -> web.Response:
+        plural = request.match_info["plural"]
+        kind, namespaced = ROUTES.get(plural, ("", False))
+        ns = request.match_info.get("ns", "") if namespaced else ""
+        obj = self.objects.get((kind, ns, request.match_info["name"]))
+        if obj is None:
+            return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)  # fmt: skip
+        return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+    async def _create(self, request: web.Request) -> web.Response:
+        obj = await request.json()
+        kind, _ = ROUTES[request.match_info["plural"]]
+        obj["kind"] = kind
+        obj["metadata"]["namespace"] = request.match_info["ns"]
+        if self._key(obj) in self.objects:
+            return web.json_response({"kind": "Status", "code": 409, "reason": "AlreadyExists"}, status=409)  # fmt: skip
+        await self.apply(obj)
+        return web.Response(body=orjson.dumps(self.objects[self._key(obj)]), status=201,
+                            content_type="application/json")  # fmt: skip
+
+    async def _replace(self, request: web.Request) -> web.Response:
+        obj = await request.json()
+        kind, _ = ROUTES[request.match_info["plural"]]
+        obj["kind"] = kind
+        key = (kind, request.match_info["ns"], request.match_info["name"])
+        current = self.objects.get(key)
+        if current is None:
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        want = obj.get("metadata", {}).get("resourceVersion")
+        if want and want != current["metadata"]["resourceVersion"]:
+            return web.json_response({"kind": "Status", "code": 409, "reason": "Conflict"}, status=409)  # fmt: skip
+        obj["metadata"]["namespace"] = request.match_info["ns"]
+        await self.apply(obj)
+        return web.Response(body=orjson.dumps(self.objects[key]), content_type="application/json")
+
+    async def _patch_status(self, request: web.Request) -> web.Response:
+        patch = await request.json()
+        kind, _ = ROUTES[request.match_info["plural"]]
+        key = (kind, request.match_info["ns"], request.match_info["name"])
+        current = self.objects.get(key)
+        if current is None:
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        updated = copy.deepcopy(current)
+        updated["status"] = patch.get("status", {})
+        self.requests.append(f"PATCH {kind} status")
+        await self.apply(updated)
+        return web.Response(body=orjson.dumps(self.objects[key]), content_type="application/json")

@@ -1,0 +1,291 @@
+"""The Kubernetes watch, against a real HTTP API server emulator (tests/apiserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests import k8s
+from tests.apiserver import FakeApiServer
+from tests.backends import Pods
+from tests.conftest import EdgeProxy, simple_site
+from tests.http1 import Client, fetch
+
+CONVERGE_TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    server = FakeApiServer(bookmark_interval=0.3)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def kube_proxy(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[Any]:
+    started: list[EdgeProxy] = []
+
+    async def start(*extra: str, wait_ready: bool = True) -> EdgeProxy:
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(api.kubeconfig())
+        proxy = EdgeProxy(None, tmp_path / f"edgeproxy-{len(started)}.log")
+        started.append(proxy)
+        return await proxy.start("--kubeconfig", str(kubeconfig), *extra, wait_ready=wait_ready)
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+async def pod_of(proxy: EdgeProxy, path: str = "/", host: str = "site.example.com") -> str | int:
+    resp = await fetch(proxy.http, "GET", path, host=host)
+    return json.loads(resp.body)["pod"] if resp.status == 200 else resp.status
+
+
+async def eventually(check: Any, timeout: float = CONVERGE_TIMEOUT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if await check():
+            return
+        if loop.time() > deadline:
+            raise AssertionError("never converged")
+        await asyncio.sleep(0.02)
+
+
+async def test_routes_follow_the_watch(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:
+    port = await pods.start("127.0.0.2", "127.0.0.3")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    proxy = await kube_proxy()
+    assert await pod_of(proxy) == "127.0.0.2"
+    await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
+    await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"))
+    await api.delete("Ingress", "default", "site")
+    await eventually(lambda: _is(pod_of(proxy), 404))
+    assert {"LIST Ingress", "WATCH Ingress", "LIST EndpointSlice"} <= set(api.requests)
+
+
+async def _is(awaitable: Any, expected: Any) -> bool:
+    return (await awaitable) == expected
+
+
+async def test_readyz_waits_for_the_first_list_of_every_kind(tmp_path: Path, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    late = FakeApiServer()
+    await late.start()
+    late_port = late.port
+    await late.stop()  # nothing listens yet
+    (tmp_path / "kubeconfig.yaml").write_text("")
+    kubeconfig = tmp_path / "late.yaml"
+    late.port = late_port
+    kubeconfig.write_text(late.kubeconfig())
+    proxy = EdgeProxy(None, tmp_path / "late.log")
+    await proxy.start("--kubeconfig", str(kubeconfig), wait_ready=False)
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            try:
+                assert (await fetch(proxy.admin, "GET", "/readyz")).status == 503
+            except OSError:
+                pass  # the admin listener is not up yet
+        await late.apply(*simple_site(port, "127.0.0.2"))
+        await late.start(late_port)
+        await eventually(lambda: _readyz(proxy), timeout=20)
+        assert await pod_of(proxy) == "127.0.0.2"
+    finally:
+        await proxy.stop()
+        await late.stop()
+
+
+async def _readyz(proxy: EdgeProxy) -> bool:
+    try:
+        return (await fetch(proxy.admin, "GET", "/readyz")).status == 200
+    except OSError:
+        return False
+
+
+async def test_api_server_outage_keeps_the_last_table_and_the_watch_resumes(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2", "127.0.0.3")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    proxy = await kube_proxy()
+    await api.stop()
+    for _ in range(10):  # traffic continues on the last table
+        assert await pod_of(proxy) == "127.0.0.2"
+        await asyncio.sleep(0.05)
+    # Changed while the API server was away: seen once it is back.
+    await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
+    await api.start(api.port)
+    await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"), timeout=20)
+    assert "retrying in" in proxy.log()
+
+
+async def test_rewatch_answered_410_lists_again(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    await api.apply(k8s.ingress("old", [("old.example.com", [k8s.path("/", "web")])]))
+    proxy = await kube_proxy()
+    assert await served(proxy) == {"default/old", "default/site"}
+    lists_before = api.requests.count("LIST Ingress")
+    # The Ingress goes, and the history that would tell is compacted before the watch resumes:
+    # the re-watch gets 410 and only a fresh LIST can notice the deletion.
+    api.compact_on_delete = True
+    await api.delete("Ingress", "default", "old")
+    await api.finish_watches()
+    await eventually(lambda: _is(served(proxy), {"default/site"}))
+    assert api.requests.count("LIST Ingress") > lists_before
+    assert "is gone; listing again" in proxy.log()
+
+
+async def served(proxy: EdgeProxy) -> set[str]:
+    routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+    return {r["ingress"] for r in routes["routes"]}
+
+
+async def test_rewatch_answered_http_410_lists_again(pods: Pods, tmp_path: Path) -> None:
+    api = FakeApiServer(gone_as_event=False)
+    await api.start()
+    port = await pods.start("127.0.0.2", "127.0.0.3")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    kubeconfig = tmp_path / "kc.yaml"
+    kubeconfig.write_text(api.kubeconfig())
+    proxy = await EdgeProxy(None, tmp_path / "p.log").start("--kubeconfig", str(kubeconfig))
+    try:
+        await api.end_watches()
+        api.compact()
+        await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
+        await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"))
+    finally:
+        await proxy.stop()
+        await api.stop()
+
+
+async def test_bad_objects_are_skipped_and_the_watch_goes_on(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    fqdn = k8s.endpoint_slice("web", k8s.ready("127.0.0.2"), port, suffix="fqdn")
+    fqdn["addressType"] = "FQDN"
+    await api.apply(*simple_site(port, "127.0.0.2"), fqdn,
+                    k8s.ingress("broken", [("broken.example.com", [k8s.path("/", "nope")])]))  # fmt: skip
+    proxy = await kube_proxy()
+    assert await pod_of(proxy) == "127.0.0.2"
+    log = proxy.log()
+    assert "addressType 'FQDN'" in log and "Service default/nope not found" in log
+
+
+async def test_only_referenced_tls_secrets_are_held(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    ca = trustme.CA()
+    port = await pods.start("127.0.0.2")
+
+    def secret(name: str) -> dict[str, Any]:
+        cert = ca.issue_cert(f"{name}.example.com")
+        return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": "default"},
+                "data": {"tls.crt": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
+                         "tls.key": base64.b64encode(cert.private_key_pem.bytes()).decode()}}  # fmt: skip
+
+    opaque = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": "db-password", "namespace": "default"}, "data": {"p": "eA=="}}  # fmt: skip
+    await api.apply(*simple_site(port, "127.0.0.2"), secret("used"), secret("unused"), opaque)
+    await api.apply(k8s.ingress("tls", [("used.example.com", [k8s.path("/", "web")])],
+                                tls=[{"hosts": ["used.example.com"], "secretName": "used"}]))  # fmt: skip
+    proxy = await kube_proxy()
+
+    async def held() -> int:
+        routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+        return int(routes["objects"].get("Secret", 0))
+
+    await eventually(lambda: _is(held(), 1))
+    # A new reference: fetched by name, then kept fresh by the narrow watch.
+    await api.apply(k8s.ingress("tls2", [("unused.example.com", [k8s.path("/", "web")])],
+                                tls=[{"hosts": ["unused.example.com"], "secretName": "unused"}]))  # fmt: skip
+    await eventually(lambda: _is(held(), 2))
+    assert all("db-password" not in r for r in api.requests)
+
+
+async def test_ingress_status_is_written_once_by_the_leader(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    await kube_proxy("--publish-address", "192.0.2.10")
+    await kube_proxy("--publish-address", "192.0.2.10")  # a second replica
+
+    async def written() -> bool:
+        ing = api.objects[("Ingress", "default", "site")]
+        return (ing.get("status") or {}).get("loadBalancer", {}).get("ingress") == [{"ip": "192.0.2.10"}]  # fmt: skip
+
+    await eventually(written, timeout=10)
+    await asyncio.sleep(1.0)
+    assert api.requests.count("PATCH Ingress status") == 1  # one writer, and only on change
+    lease = api.objects[("Lease", "default", "edgeproxy-status-writer")]
+    assert lease["spec"]["holderIdentity"]
+
+
+async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, kube_proxy: Any) -> None:  # fmt: skip
+    """maxUnavailable=0: each new pod is added and ready before an old one starts terminating."""
+    old = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    new = ["127.0.0.5", "127.0.0.6", "127.0.0.7"]
+    servers = {a: Pods() for a in old + new}
+    port = await servers[old[0]].start(old[0])
+    for address in old[1:] + new:
+        await servers[address].start(address, port=port)
+    conditions: dict[str, dict[str, bool]] = {a: {"ready": True} for a in old}
+
+    def slice_now() -> dict[str, Any]:
+        return k8s.endpoint_slice("web", [(a, dict(c)) for a, c in conditions.items()], port)
+
+    objs = simple_site(port, *old)
+    await api.apply(*objs)
+    proxy = await kube_proxy()
+    failures: list[str] = []
+    answered: list[str] = []
+    stop = asyncio.Event()
+
+    async def client_loop() -> None:
+        client = await Client.connect(proxy.http)
+        while not stop.is_set():
+            try:
+                resp = await client.request("GET", "/")
+            except (OSError, ConnectionError) as exc:
+                failures.append(repr(exc))
+                client = await Client.connect(proxy.http)
+                continue
+            if resp.status != 200:
+                failures.append(str(resp.status))
+            else:
+                answered.append(json.loads(resp.body)["pod"])
+        await client.close()
+
+    clients = [asyncio.create_task(client_loop()) for _ in range(4)]
+    await asyncio.sleep(0.3)
+    for gone, fresh in zip(old, new, strict=True):
+        conditions[fresh] = {"ready": False}  # the new pod is scheduled, not ready yet
+        await api.apply(slice_now())
+        await asyncio.sleep(0.1)
+        conditions[fresh] = {"ready": True}
+        await api.apply(slice_now())
+        await asyncio.sleep(0.2)
+        conditions[gone] = {"ready": False, "serving": True, "terminating": True}
+        await api.apply(slice_now())
+        await asyncio.sleep(0.1)
+        conditions[gone] = {"ready": False, "serving": False, "terminating": True}
+        await api.apply(slice_now())
+        await asyncio.sleep(0.1)
+        del conditions[gone]
+        await api.apply(slice_now())
+        await asyncio.sleep(0.05)
+        await servers[gone].stop_address(gone)  # stops accepting; requests in flight finish
+        await asyncio.sleep(0.2)
+    answered.clear()
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert answered and set(answered) <= set(new)
+    for server in servers.values():
+        await server.close()
