@@ -203,7 +203,7 @@ current-context: fake
                 async with self.changed:
                     try:
                         await asyncio.wait_for(self.changed.wait(), self.bookmark_interval)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         if bookmarks:
                             mark = {"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
                                     "metadata": {"resourceVersion": str(self.rv)}}}  # fmt: skip
