@@ -64,6 +64,12 @@ class AdminApp:
             "# HELP edgeproxy_route_rebuilds_total Route tables compiled and published.",
             "# TYPE edgeproxy_route_rebuilds_total counter",
             f"edgeproxy_route_rebuilds_total {self.pipeline.rebuilds}",
+            "# HELP edgeproxy_endpoint_refreshes_total EndpointSlice-only updates applied in place.",
+            "# TYPE edgeproxy_endpoint_refreshes_total counter",
+            f"edgeproxy_endpoint_refreshes_total {self.pipeline.endpoint_refreshes}",
+            "# HELP edgeproxy_route_update_seconds Time the last table update took.",
+            "# TYPE edgeproxy_route_update_seconds gauge",
+            f"edgeproxy_route_update_seconds {self.pipeline.last_rebuild_seconds:.6f}",
             "# HELP edgeproxy_endpoint_in_flight Requests in flight per endpoint.",
             "# TYPE edgeproxy_endpoint_in_flight gauge",
         ]

@@ -214,43 +214,67 @@ class _Resolver:
                 )
                 return None
             keys = self.endpoints(namespace, svc_name, svc_port)
-            cluster = Cluster(label, keys, balancer, options, backend_tls, outlier=outlier)
+            cluster = Cluster(label, keys, balancer, options, backend_tls, outlier=outlier,
+                              service=(namespace, svc_name), port_name=svc_port.get("name") or "")  # fmt: skip
         self.clusters[memo] = cluster
         return cluster
 
     def endpoints(self, namespace: str, svc_name: str, svc_port: dict[str, Any]) -> tuple[EndpointKey, ...]:  # fmt: skip
-        """Ready endpoints; if none, serving-and-terminating ones (KEP-1669)."""
-        want_name = svc_port.get("name") or ""
-        ready: list[EndpointKey] = []
-        fallback: list[EndpointKey] = []
-        for eps in self.slices.get((namespace, svc_name), []):
-            where = f"EndpointSlice {namespace}/{_meta(eps).get('name')}"
-            if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-                self.diagnostics.append(f"{where}: addressType {eps.get('addressType')!r} skipped")
+        return resolve_endpoints(self.slices.get((namespace, svc_name), []), namespace,
+                                 svc_port.get("name") or "", self.diagnostics)  # fmt: skip
+
+
+def service_of_slice(obj: K8sObject) -> str | None:
+    labels = _meta(obj).get("labels") or {}
+    svc = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+    return svc if isinstance(svc, str) and svc else None
+
+
+def index_endpoint_slices(
+    snapshot: Snapshot, only: Collection[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], list[K8sObject]]:
+    """(namespace, service) -> its EndpointSlices, in name order (deterministic)."""
+    index: dict[tuple[str, str], list[K8sObject]] = {}
+    for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
+        svc = service_of_slice(obj)
+        if svc and (only is None or (ns, svc) in only):
+            index.setdefault((ns, svc), []).append(obj)
+    return index
+
+
+def resolve_endpoints(
+    slices: list[K8sObject], namespace: str, port_name: str, diagnostics: list[str]
+) -> tuple[EndpointKey, ...]:
+    """Ready endpoints of a Service port; if none, serving-and-terminating ones (KEP-1669)."""
+    ready: list[EndpointKey] = []
+    fallback: list[EndpointKey] = []
+    for eps in slices:
+        where = f"EndpointSlice {namespace}/{_meta(eps).get('name')}"
+        if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            diagnostics.append(f"{where}: addressType {eps.get('addressType')!r} skipped")
+            continue
+        port = next(
+            (p.get("port") for p in eps.get("ports") or []
+             if isinstance(p, dict) and (p.get("name") or "") == port_name),
+            None,
+        )  # fmt: skip
+        if not isinstance(port, int):
+            continue
+        for ep in eps.get("endpoints") or []:
+            if not isinstance(ep, dict):
                 continue
-            port = next(
-                (p.get("port") for p in eps.get("ports") or []
-                 if isinstance(p, dict) and (p.get("name") or "") == want_name),
-                None,
-            )  # fmt: skip
-            if not isinstance(port, int):
-                continue
-            for ep in eps.get("endpoints") or []:
-                if not isinstance(ep, dict):
+            cond = ep.get("conditions") or {}
+            is_ready = cond.get("ready") is not False  # absent counts as ready
+            serving = cond.get("serving", is_ready) is not False
+            terminating = cond.get("terminating") is True
+            for address in ep.get("addresses") or []:
+                if not isinstance(address, str):
                     continue
-                cond = ep.get("conditions") or {}
-                is_ready = cond.get("ready") is not False  # absent counts as ready
-                serving = cond.get("serving", is_ready) is not False
-                terminating = cond.get("terminating") is True
-                for address in ep.get("addresses") or []:
-                    if not isinstance(address, str):
-                        continue
-                    if is_ready and not terminating:
-                        ready.append((address, port))
-                    elif serving and terminating:
-                        fallback.append((address, port))
-        chosen = ready or fallback
-        return tuple(sorted(set(chosen)))
+                if is_ready and not terminating:
+                    ready.append((address, port))
+                elif serving and terminating:
+                    fallback.append((address, port))
+    return tuple(sorted(set(ready or fallback)))
 
 
 def _age_key(item: tuple[Any, K8sObject]) -> tuple[str, str, str]:
@@ -352,6 +376,10 @@ def compile_routes(
         else:
             exact_hosts[host] = hr
     tls_names = frozenset(h for b in tls for h in b.hosts)
+    by_service: dict[tuple[str, str], list[Cluster]] = {}
+    for cluster in resolver.clusters.values():
+        if cluster.service is not None:
+            by_service.setdefault(cluster.service, []).append(cluster)
     table = RouteTable(
         MappingProxyType(exact_hosts),
         MappingProxyType(wildcard_hosts),
@@ -359,6 +387,7 @@ def compile_routes(
         default_route,
         tls_names,
         snapshot.generation,
+        MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
     )
     return CompileResult(table, tuple(tls), diagnostics, tuple(served))
 

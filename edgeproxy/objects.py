@@ -46,6 +46,10 @@ class ObjectStore:
         self._by_source: dict[str, dict[ObjectKey, K8sObject]] = {}
         self._generation = 0
         self._listeners: list[Callable[[], None]] = []
+        # What changed since the last take_changes(): which kinds, and for EndpointSlices,
+        # which Services (namespace, name) they belong to, before and after the change.
+        self._changed_kinds: set[str] = set()
+        self._changed_services: set[tuple[str, str]] = set()
 
     @property
     def generation(self) -> int:
@@ -60,19 +64,48 @@ class ObjectStore:
             key = object_key(obj)
             if key is not None:
                 fresh[key] = obj
+        old = self._by_source.get(source, {})
+        changed = False
+        for key in old.keys() | fresh.keys():
+            before, after = old.get(key), fresh.get(key)
+            if before is not after and before != after:
+                self._note(key, before, after)
+                changed = True
         self._by_source[source] = fresh
-        self._changed()
+        if changed:
+            self._changed()
 
     def upsert(self, source: str, obj: K8sObject) -> None:
         key = object_key(obj)
         if key is not None:
-            self._by_source.setdefault(source, {})[key] = obj
+            objects = self._by_source.setdefault(source, {})
+            self._note(key, objects.get(key), obj)
+            objects[key] = obj
             self._changed()
 
     def delete(self, source: str, obj: K8sObject) -> None:
         key = object_key(obj)
-        if key is not None and self._by_source.get(source, {}).pop(key, None) is not None:
+        if key is None:
+            return
+        before = self._by_source.get(source, {}).pop(key, None)
+        if before is not None:
+            self._note(key, before, None)
             self._changed()
+
+    def _note(self, key: ObjectKey, before: K8sObject | None, after: K8sObject | None) -> None:
+        self._changed_kinds.add(key[0])
+        if key[0] == "EndpointSlice":
+            for obj in (before, after):
+                labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+                service = labels.get("kubernetes.io/service-name") if isinstance(labels, dict) else None  # fmt: skip
+                if isinstance(service, str):
+                    self._changed_services.add((key[1], service))
+
+    def take_changes(self) -> tuple[set[str], set[tuple[str, str]]]:
+        """(kinds changed, Services whose EndpointSlices changed) since the last call."""
+        changes = (self._changed_kinds, self._changed_services)
+        self._changed_kinds, self._changed_services = set(), set()
+        return changes
 
     def snapshot(self) -> Snapshot:
         merged: dict[ObjectKey, K8sObject] = {}

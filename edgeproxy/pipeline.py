@@ -12,9 +12,14 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
-from edgeproxy.compile import CompileResult, compile_routes
+from edgeproxy.compile import (
+    CompileResult,
+    compile_routes,
+    index_endpoint_slices,
+    resolve_endpoints,
+)
 from edgeproxy.config import OutlierSettings
-from edgeproxy.objects import ObjectStore
+from edgeproxy.objects import ObjectStore, Snapshot
 from edgeproxy.proxy.dataplane import Dataplane
 
 log = logging.getLogger("edgeproxy.pipeline")
@@ -42,6 +47,7 @@ class RoutePipeline:
         self.last: CompileResult | None = None
         self.published_generation = -1
         self.rebuilds = 0
+        self.endpoint_refreshes = 0
         self.last_rebuild_seconds = 0.0
         self._scheduled = False
         self._reported: set[str] = set()
@@ -56,7 +62,14 @@ class RoutePipeline:
     def rebuild(self) -> None:
         self._scheduled = False
         started = time.perf_counter()
+        kinds, services = self.store.take_changes()
         snapshot = self.store.snapshot()
+        if self.last is not None and kinds == {"EndpointSlice"}:
+            self._refresh_endpoints(snapshot, services)
+            self.published_generation = snapshot.generation
+            self.endpoint_refreshes += 1
+            self.last_rebuild_seconds = time.perf_counter() - started
+            return
         try:
             result = compile_routes(
                 snapshot,
@@ -82,3 +95,26 @@ class RoutePipeline:
         self.last_rebuild_seconds = time.perf_counter() - started
         for callback in self.on_published:
             callback(result)
+
+    def _refresh_endpoints(self, snapshot: Snapshot, services: set[tuple[str, str]]) -> None:
+        """Only EndpointSlices changed: the routes stand; the affected clusters get new keys.
+
+        Gives the same endpoints a full compile would (test_compile checks both ways agree).
+        """
+        assert self.last is not None
+        table = self.last.table
+        index = index_endpoint_slices(snapshot, only=services)
+        diagnostics: list[str] = []
+        for service in services:
+            for cluster in table.clusters_by_service.get(service, ()):
+                keys = resolve_endpoints(index.get(service, []), service[0], cluster.port_name,
+                                         diagnostics)  # fmt: skip
+                if keys != cluster.keys:
+                    for dp in self.dataplanes:
+                        dp.refresh_endpoints(cluster, keys)
+        for dp in self.dataplanes:
+            dp.retain_live()
+        for line in diagnostics:
+            if line not in self._reported:
+                self._reported.add(line)
+                log.warning("%s", line)

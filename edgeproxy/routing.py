@@ -25,8 +25,12 @@ EndpointKey = tuple[str, int]  # (address, port): the identity per-endpoint stat
 class Cluster:
     """One Service port: the endpoints in rotation and how to pick among them.
 
-    compile() fills every field but `hosts` and `balancer`, which `RouteTable.bind` attaches from
-    the per-endpoint registry just before the table is published; nothing changes after that.
+    compile() fills the fields up to `external_name`; Dataplane.publish attaches `hosts` and
+    `balancer` from the per-endpoint registry before the table goes live. Routes and clusters
+    never change after that, except `keys`, `hosts` and `balancer`, which an EndpointSlice-only
+    change replaces in place (Dataplane.refresh_endpoints), as Envoy's EDS updates a cluster's
+    hosts without touching routes. The loop is single-threaded, so a request sees either the
+    old set or the new one.
     """
 
     name: str  # namespace/service:port
@@ -40,6 +44,8 @@ class Cluster:
     balancer: Balancer | None = None
     healthy: int = 0  # hosts not ejected, as of the registry's ejection epoch healthy_epoch
     healthy_epoch: int = -1
+    service: tuple[str, str] | None = None  # (namespace, name) whose EndpointSlices feed keys
+    port_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,10 @@ class RouteTable:
     default_route: Route | None
     tls_hosts: frozenset[str] = frozenset()
     generation: int = 0
+    # Like Envoy's EDS: an EndpointSlice change replaces these clusters' endpoints in place.
+    clusters_by_service: Mapping[tuple[str, str], tuple[Cluster, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def lookup(self, host: str, path: str) -> Route | None:
         """Most specific host group first (exact, wildcard, host-less); then its longest path."""

@@ -195,3 +195,43 @@ def test_table_is_immutable() -> None:
     assert isinstance(table.exact_hosts, MappingProxyType)
     with pytest.raises(AttributeError):
         table.default_route = None  # type: ignore[misc]
+
+
+def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compile() -> None:
+    import asyncio
+
+    from edgeproxy.balancing import load_balancers
+    from edgeproxy.config import Settings
+    from edgeproxy.pipeline import RoutePipeline
+    from edgeproxy.proxy.dataplane import Dataplane
+
+    loop = asyncio.new_event_loop()
+    try:
+        dp = Dataplane(Settings(), loop)
+        dp.balancer_types = load_balancers()
+        store = ObjectStore()
+        pipeline = RoutePipeline(store, [dp], only_class=None, balancers=["round_robin"],
+                                 default_balancer="round_robin", loop=loop)  # fmt: skip
+        objs = base(k8s.ingress("i", [("h", [k8s.path("/", "a"), k8s.path("/b", "b")])]))
+        store.replace("test", objs)
+        pipeline.rebuild()
+        table = dp.table
+        kept = dp.registry.get(("10.0.0.1", 8000))
+        kept.requests = 42  # per-endpoint state that must survive
+        objs[2] = k8s.endpoint_slice("a", k8s.ready("10.0.0.1", "10.0.0.9"), 8000)
+        store.replace("test", objs)
+        pipeline.rebuild()
+        assert dp.table is table and pipeline.endpoint_refreshes == 1  # routes untouched
+        route = dp.table.lookup("h", "/")
+        assert route is not None
+        full = compile_routes(store.snapshot()).table.lookup("h", "/")
+        assert full is not None and route.cluster.keys == full.cluster.keys
+        assert [h.key for h in route.cluster.hosts] == [("10.0.0.1", 8000), ("10.0.0.9", 8000)]
+        assert route.cluster.hosts[0] is kept and kept.requests == 42
+        # Anything else changing is a full rebuild.
+        objs.append(k8s.ingress("j", [("j", [k8s.path("/", "c")])]))
+        store.replace("test", objs)
+        pipeline.rebuild()
+        assert dp.table is not table and pipeline.rebuilds == 2
+    finally:
+        loop.close()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from edgeproxy.config import Settings
 from edgeproxy.health import EndpointRegistry
 from edgeproxy.proxy.headers import DateHeader
-from edgeproxy.routing import EMPTY_TABLE, RouteTable
+from edgeproxy.routing import EMPTY_TABLE, Cluster, EndpointKey, RouteTable
 
 if TYPE_CHECKING:
     from edgeproxy.proxy.downstream import DownstreamProtocol
@@ -65,6 +65,20 @@ class Dataplane:
             cluster.balancer = factory(cluster.hosts, cluster.balancer_options)
         self.table = table
         self.registry.retain(live)
+
+    def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
+        """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
+        from edgeproxy.balancing import RoundRobin
+
+        hosts = tuple(self.registry.get(k) for k in keys)
+        factory = self.balancer_types.get(cluster.balancer_name, RoundRobin)
+        balancer = factory(hosts, cluster.balancer_options)
+        cluster.keys, cluster.hosts, cluster.balancer = keys, hosts, balancer
+        cluster.healthy_epoch = -1
+
+    def retain_live(self) -> None:
+        """Drop per-endpoint state no cluster of the live table refers to any more."""
+        self.registry.retain(k for c in self.table.clusters() for k in c.keys)
 
     balancer_types: dict[str, type] = {}
 
