@@ -52,6 +52,12 @@ class CompileResult:
     diagnostics: list[str] = field(default_factory=list)
     served_ingresses: tuple[str, ...] = ()
 
+    def secrets(self) -> set[tuple[str, str]]:
+        """Every Secret the served Ingresses need: certificates and backend CAs."""
+        refs = {b.secret for b in self.tls}
+        refs.update(c.backend_ca for c in self.table.clusters() if c.backend_ca is not None)
+        return refs
+
 
 def _meta(obj: K8sObject) -> dict[str, Any]:
     meta = obj.get("metadata")
@@ -176,9 +182,12 @@ class _Resolver:
             return None
         balancer, options = self.balancer_of(where, annotations)
         backend_tls = annotations.get(ANNOTATION_PREFIX + "backend-protocol", "").upper() == "HTTPS"
+        ca_name = annotations.get(ANNOTATION_PREFIX + "backend-ca-secret")
+        backend_ca = (namespace, ca_name) if backend_tls and ca_name else None
+        server_name = annotations.get(ANNOTATION_PREFIX + "backend-server-name") if backend_ca else None
         outlier = self.outlier_of(where, annotations)
         memo = (namespace, svc_name, port_number, port_name, balancer,
-                tuple(sorted(options.items())), backend_tls, outlier)  # fmt: skip
+                tuple(sorted(options.items())), backend_tls, outlier, backend_ca, server_name)  # fmt: skip
         cached = self.clusters.get(memo)
         if cached is not None:
             return cached
@@ -205,7 +214,8 @@ class _Resolver:
                 return None
             keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
             cluster = Cluster(label, keys, balancer, options, backend_tls, target.rstrip("."),
-                              outlier=outlier)  # fmt: skip
+                              outlier=outlier, backend_ca=backend_ca,
+                              backend_server_name=server_name)  # fmt: skip
         else:
             if svc_port is None:
                 self.diagnostics.append(
@@ -215,7 +225,8 @@ class _Resolver:
                 return None
             keys = self.endpoints(namespace, svc_name, svc_port)
             cluster = Cluster(label, keys, balancer, options, backend_tls, outlier=outlier,
-                              service=(namespace, svc_name), port_name=svc_port.get("name") or "")  # fmt: skip
+                              service=(namespace, svc_name), port_name=svc_port.get("name") or "",
+                              backend_ca=backend_ca, backend_server_name=server_name)  # fmt: skip
         self.clusters[memo] = cluster
         return cluster
 

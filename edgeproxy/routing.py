@@ -7,6 +7,7 @@ element of the request (longest first).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -46,6 +47,9 @@ class Cluster:
     healthy_epoch: int = -1
     service: tuple[str, str] | None = None  # (namespace, name) whose EndpointSlices feed keys
     port_name: str = ""
+    backend_ca: tuple[str, str] | None = None  # Secret with ca.crt: verify the backends
+    backend_server_name: str | None = None  # SNI and the name to verify, if given
+    upstream_ssl: ssl.SSLContext | None = None  # set after publish when backend_ca is given
 
 
 @dataclass(frozen=True, slots=True)

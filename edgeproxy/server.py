@@ -49,6 +49,7 @@ async def serve(
     args: argparse.Namespace, settings: Settings, *, primary: bool, children: list[int]
 ) -> None:
     from edgeproxy.balancing import load_balancers
+    from edgeproxy.compile import CompileResult
     from edgeproxy.objects import ObjectStore
     from edgeproxy.pipeline import RoutePipeline
     from edgeproxy.proxy.dataplane import Dataplane
@@ -66,7 +67,15 @@ async def serve(
         default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
     )  # fmt: skip
     certificates = CertificateStore(args.default_certificate)
-    pipeline.on_published.append(lambda result: certificates.update(store.snapshot(), result.tls))
+    def certificates_for(result: CompileResult) -> None:
+        snapshot = store.snapshot()
+        certificates.update(snapshot, result.tls)
+        for cluster in result.table.clusters():
+            if cluster.backend_ca is not None:
+                cluster.upstream_ssl = certificates.backend_context(
+                    snapshot, *cluster.backend_ca, cluster.name, cluster.backend_server_name)
+
+    pipeline.on_published.append(certificates_for)
     dp.upstream_ssl = certificates.upstream_context()
 
     sources_ready: list[bool] = []
@@ -83,7 +92,7 @@ async def serve(
         kube = KubeSource(store, namespaces=args.watch_namespace, kubeconfig=args.kubeconfig,
                           in_cluster=args.in_cluster, default_secret=args.default_certificate)  # fmt: skip
         pipeline.on_published.append(
-            lambda result: kube.references_changed(b.secret for b in result.tls))
+            lambda result: kube.references_changed(result.secrets()))
         sources_ready.append(False)
 
         def kube_listed() -> None:

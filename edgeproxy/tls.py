@@ -136,6 +136,27 @@ class CertificateStore:
         ctx.sni_callback = self._on_sni
         return ctx
 
+    def backend_context(self, snapshot: Snapshot, ns: str, name: str, where: str,
+                        server_name: str | None) -> ssl.SSLContext:  # fmt: skip
+        """Verify backends against the CA in Secret ns/name (ca.crt). A missing or bad CA gives
+        a context that trusts nothing: the connection fails (502) rather than go unverified."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = server_name is not None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(ALPN)
+        secret = snapshot.objects.get(("Secret", ns, name))
+        label = f"Secret {ns}/{name} (backend CA of {where})"
+        try:
+            if secret is None:
+                raise BadCertificate(f"{label} not found")
+            data = secret.get("data") or {}
+            if "ca.crt" not in data:
+                raise BadCertificate(f"{label} has no ca.crt")
+            ctx.load_verify_locations(cadata=base64.b64decode(data["ca.crt"]).decode("ascii"))
+        except (BadCertificate, ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+            self._report(f"{exc}; connections to those backends fail until it is fixed")
+        return ctx
+
     def upstream_context(self) -> ssl.SSLContext:
         """Backends speaking TLS: not verified by default, as ingress-nginx."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -214,3 +214,35 @@ async def test_https_backend_by_annotation(ca: trustme.CA, proxy_factory: Any) -
     assert resp.status == 200 and resp.body == b"secured"
     assert seen and seen[0].startswith(b"GET /tls HTTP/1.1")
     server.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_https_backend_verified_against_a_ca_secret(ca: trustme.CA, proxy_factory: Any, trusted: bool) -> None:  # fmt: skip
+    backend_cert = ca.issue_cert("web.default.svc")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    backend_cert.configure_cert(server_ctx)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        if head is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nverified")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.2", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    trust = ca if trusted else trustme.CA()  # an unrelated CA must not be enough
+    ca_secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                 "metadata": {"name": "backend-ca", "namespace": k8s.NS},
+                 "data": {"ca.crt": base64.b64encode(trust.cert_pem.bytes()).decode()}}  # fmt: skip
+    objs = simple_site(port, "127.0.0.2") + [ca_secret]
+    objs[1] = k8s.ingress("site", [(None, [k8s.path("/", "web")])], annotations={
+        "edgeproxy.io/backend-protocol": "HTTPS", "edgeproxy.io/backend-ca-secret": "backend-ca",
+        "edgeproxy.io/backend-server-name": "web.default.svc"})  # fmt: skip
+    proxy = await proxy_factory(objs)
+    resp = await fetch(proxy.http, "GET", "/")
+    if trusted:
+        assert resp.status == 200 and resp.body == b"verified"
+    else:
+        assert resp.status == 502
+    server.close()

@@ -35,7 +35,7 @@ from edgeproxy.proxy.upstream import ResponseHead, UpstreamConnection
 if TYPE_CHECKING:
     from edgeproxy.health import EndpointState
     from edgeproxy.proxy.dataplane import Dataplane
-    from edgeproxy.routing import Route
+    from edgeproxy.routing import Cluster, Route
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 PENDING_BODY_HIGH_WATER = 256 * 1024  # buffered before the upstream is connected, then pause
@@ -513,20 +513,22 @@ class DownstreamProtocol(asyncio.Protocol):
                 return
         self.phase = WAITING_UPSTREAM
         self.deadline = dp.now + dp.settings.connect_timeout
-        dp.loop.create_task(self._connect(endpoint, cluster.upstream_tls))
+        dp.loop.create_task(self._connect(endpoint, cluster))
 
-    async def _connect(self, endpoint: EndpointState, tls: bool) -> None:
+    async def _connect(self, endpoint: EndpointState, cluster: Cluster) -> None:
         dp = self.dp
         seq = self.seq
         dp.upstream_connects += 1
+        tls = None
+        server_name = None
+        if cluster.upstream_tls:
+            tls = cluster.upstream_ssl if cluster.backend_ca else dp.upstream_ssl
+            server_name = cluster.backend_server_name or endpoint.address
         try:
             _, conn = await dp.loop.create_connection(
-                lambda: UpstreamConnection(endpoint),
-                endpoint.address,
-                endpoint.port,
-                ssl=dp.upstream_ssl if tls else None,
-                server_hostname=endpoint.address if tls else None,
-            )
+                lambda: UpstreamConnection(endpoint), endpoint.address, endpoint.port,
+                ssl=tls, server_hostname=server_name,
+            )  # fmt: skip
         except (TimeoutError, OSError) as exc:
             if self.seq == seq and self.endpoint is endpoint and self.phase == WAITING_UPSTREAM:
                 self._upstream_failed(endpoint, f"connect: {exc}", body_sent=False)
@@ -701,7 +703,7 @@ class DownstreamProtocol(asyncio.Protocol):
         endpoint.requests += 1
         self.phase = WAITING_UPSTREAM
         self.deadline = self.dp.now + self.dp.settings.connect_timeout
-        self.dp.loop.create_task(self._connect(endpoint, self.route.cluster.upstream_tls))  # type: ignore[union-attr]
+        self.dp.loop.create_task(self._connect(endpoint, self.route.cluster))  # type: ignore[union-attr]
 
     def _upstream_failed(self, endpoint: EndpointState, reason: str, body_sent: bool, timeout: bool = False) -> None:  # fmt: skip
         route = self.route

@@ -281,7 +281,7 @@ class KubeSource:
         try:
             obj = await self.api.get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}")
             obj.setdefault("kind", "Secret")
-            if (namespace, name) in self.referenced and obj.get("type") == "kubernetes.io/tls":
+            if (namespace, name) in self.referenced:
                 watcher = next((w for w in self.watchers if w.spec.kind == "Secret"
                                 and w.namespace in (None, namespace)), None)  # fmt: skip
                 self.store.upsert(watcher.source if watcher else "kube:Secret:fetched", obj)
