@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from edgeproxy.balancing import Balancer
     from edgeproxy.health import EndpointState
 
-EndpointKey = tuple[str, int]  # (address, port): the identity per-endpoint state is keyed by
+EndpointKey = tuple[str, int]
+MISSING = object()  # (address, port): the identity per-endpoint state is keyed by
 
 
 @dataclass(slots=True, eq=False)
@@ -63,10 +64,16 @@ class Route:
     hsts: bytes | None = None  # the whole Strict-Transport-Security line, for HTTPS responses
 
 
+PATH_MEMO_SIZE = 1024  # per host: recent paths -> route; cleared when full
+
+
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
     exact: Mapping[str, Route]
     prefix: Mapping[str, Route]  # keyed by path without trailing slash ("/" for the root)
+    # Memo of match(): the table stays immutable in meaning; a path's route never changes
+    # within one table, so remembering it is safe, and repeated paths skip the element walk.
+    memo: dict[str, Route | None] = field(default_factory=dict, compare=False)
 
     def match(self, path: str) -> Route | None:
         """Longest match; Exact beats Prefix at equal length (an Exact hit is always longest)."""
@@ -112,11 +119,15 @@ class RouteTable:
             if group is None:
                 group = self.any_host
         if group is not None:
-            route = group.exact.get(path)  # HostRoutes.match, inlined for the common hit
-            if route is None:
+            memo = group.memo
+            route = memo.get(path, MISSING)  # type: ignore[arg-type]
+            if route is MISSING:
                 route = group.match(path)
+                if len(memo) >= PATH_MEMO_SIZE:
+                    memo.clear()  # many distinct paths (IDs in URLs): start over, stay bounded
+                memo[path] = route
             if route is not None:
-                return route
+                return route  # type: ignore[return-value]
         return self.default_route
 
     def clusters(self) -> list[Cluster]:

@@ -43,8 +43,8 @@ class Dataplane:
         self.host_names: dict[bytes, str] = {}  # Host header -> normalised name, bounded
         self.upstream_ssl: ssl.SSLContext | None = None  # for backend-protocol: HTTPS
         # X-Request-ID: a per-process random prefix and a counter; unique without a syscall.
-        self._rid_prefix = os.urandom(8).hex().encode()
-        self._rid_counter = 0
+        self.rid_prefix = os.urandom(8).hex().encode()
+        self.rid_counter = 0
         shortest = min(
             settings.connect_timeout, settings.read_timeout, settings.client_header_timeout,
             settings.keepalive_timeout,
@@ -89,8 +89,8 @@ class Dataplane:
         return name
 
     def request_id(self) -> bytes:
-        self._rid_counter += 1
-        return b"%s%016x" % (self._rid_prefix, self._rid_counter)
+        self.rid_counter += 1
+        return b"%s%016x" % (self.rid_prefix, self.rid_counter)
 
     def start(self) -> None:
         self._sweeper = self.loop.call_later(self.tick, self._sweep)

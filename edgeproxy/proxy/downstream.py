@@ -25,10 +25,10 @@ from httptools import (
 
 from edgeproxy.balancing import choose
 from edgeproxy.proxy.headers import (
+    REQUEST_DROP,
     connection_tokens,
     error_body,
     local_response,
-    upstream_request_head,
 )
 from edgeproxy.proxy.upstream import ResponseHead, UpstreamConnection
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 PENDING_BODY_HIGH_WATER = 256 * 1024  # buffered before the upstream is connected, then pause
 GATEWAY_FAILURE_STATUSES = frozenset({502, 503, 504})
-CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})  # sent with Content-Length: 0 if empty
 
 # Phases, for the deadline sweep.
 IDLE, READING_HEAD, WAITING_UPSTREAM, STREAMING, CLOSED = range(5)
@@ -427,21 +427,39 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.client_ip = self.xff.split(b",")[-1].strip().decode("latin-1")
             if self.xf_proto is not None:
                 proto = self.xf_proto
+        # The upstream request head: origin-form, end-to-end fields only (RFC 9110 7.6.1),
+        # X-Forwarded-*. HTTP/1.0 for an HTTP/1.0 client, so that the upstream never answers
+        # with a chunked body the client could not read (as nginx's proxy_http_version 1.0).
+        parts = [method, b" ", url, b" HTTP/1.0\r\n" if self.http10 else b" HTTP/1.1\r\n"]
+        named = self.conn_tokens
+        for (name, value), lname in zip(self.headers, self.lowered, strict=True):
+            if lname in REQUEST_DROP or (named and lname in named):
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if host:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
+                  b"\r\nX-Forwarded-Port: ", self.port, b"\r\n")  # fmt: skip
+        if not self.has_request_id:
+            dp.rid_counter += 1
+            parts += (b"X-Request-ID: ", dp.rid_prefix, b"%016x" % dp.rid_counter, b"\r\n")
         if self.chunked:
-            framing = b"Transfer-Encoding: chunked\r\n"
-        elif length or self.method in (b"POST", b"PUT", b"PATCH"):
-            framing = b"Content-Length: %d\r\n" % length
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif length or method in BODY_METHODS:
+            parts.append(b"Content-Length: %d\r\n\r\n" % length)
+        elif self.upgrade and b"upgrade" in named:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n\r\n")
         else:
-            framing = b""
-        upgrade = self.upgrade if (self.upgrade and b"upgrade" in self.conn_tokens) else None
-        self.up_head = upstream_request_head(
-            self.method, url, self.headers, self.lowered, self.conn_tokens,
-            host=host or None, forwarded_for=forwarded_for, proto=proto, port=self.port,
-            request_id=None if self.has_request_id else dp.request_id(),
-            framing=framing, upgrade=upgrade, http10=self.http10,
-        )  # fmt: skip
+            parts.append(b"\r\n")
+        self.up_head = b"".join(parts)
         if self.expect_continue and self.has_body and not self.http10:
             self.wbuf.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        balancer = route.cluster.balancer
+        if balancer is not None and not dp.registry.ejected_count:
+            endpoint = balancer.pick(self)  # nothing ejected anywhere: no health check
+            if endpoint is not None:
+                self._use_endpoint(endpoint, route.cluster)
+                return
         self._start_attempt(None)
 
     def on_body(self, body: bytes) -> None:
@@ -500,6 +518,10 @@ class DownstreamProtocol(asyncio.Protocol):
             status = 503 if exclude is None else 502
             self.respond_local(status, error_body(status))
             return
+        self._use_endpoint(endpoint, cluster)
+
+    def _use_endpoint(self, endpoint: EndpointState, cluster: Cluster) -> None:
+        """Send the request to this endpoint: on a pooled connection, or a new one."""
         self.attempts += 1
         self.endpoint = endpoint
         endpoint.in_flight += 1
@@ -511,6 +533,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 conn.reused = True
                 self._attach(conn)
                 return
+        dp = self.dp
         self.phase = WAITING_UPSTREAM
         self.deadline = dp.now + dp.settings.connect_timeout
         dp.loop.create_task(self._connect(endpoint, cluster))
