@@ -172,10 +172,11 @@ class _Resolver:
                 self.diagnostics.append(f"Ingress {where}: backend names no service")
             return None
         svc_name = service.get("name")
-        port = service.get("port") if isinstance(service.get("port"), dict) else {}
+        raw_port = service.get("port")
+        port: dict[str, Any] = raw_port if isinstance(raw_port, dict) else {}
         port_number, port_name = port.get("number"), port.get("name")
         svc = self.services.get((namespace, svc_name)) if isinstance(svc_name, str) else None
-        if svc is None:
+        if svc is None or not isinstance(svc_name, str):
             self.diagnostics.append(
                 f"Ingress {where}: Service {namespace}/{svc_name} not found; path skipped"
             )
@@ -364,8 +365,8 @@ def compile_routes(
                     hsts=hsts,
                 )  # fmt: skip
                 exact, prefix = groups.setdefault(host, ({}, {}))
-                table, key = (exact, path) if kind == "Exact" else (prefix, _prefix_key(path))
-                held = table.get(key)
+                same_kind, key = (exact, path) if kind == "Exact" else (prefix, _prefix_key(path))
+                held = same_kind.get(key)
                 if held is not None:
                     if held.ingress != where:
                         diagnostics.append(
@@ -373,7 +374,7 @@ def compile_routes(
                             f"Ingress {held.ingress}; the older one is kept"
                         )
                     continue
-                table[key] = route
+                same_kind[key] = route
 
     exact_hosts: dict[str, HostRoutes] = {}
     wildcard_hosts: dict[str, HostRoutes] = {}

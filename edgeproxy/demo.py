@@ -22,14 +22,15 @@ log = logging.getLogger("edgeproxy.demo")
 
 def demo_pods(paths: list[Path]) -> list[tuple[str, str, int]]:
     """(pod name, address, port) for every loopback endpoint in the manifests' EndpointSlices."""
-    pods = []
+    pods: list[tuple[str, str, int]] = []
     for path in manifest_files(paths):
         for obj in load_file(path):
             if obj.get("kind") != "EndpointSlice":
                 continue
             meta = obj.get("metadata") or {}
             service = (meta.get("labels") or {}).get("kubernetes.io/service-name", "?")
-            ports = [p.get("port") for p in obj.get("ports") or [] if isinstance(p, dict)]
+            ports = [p["port"] for p in obj.get("ports") or []
+                     if isinstance(p, dict) and isinstance(p.get("port"), int)]  # fmt: skip
             for ep in obj.get("endpoints") or []:
                 name = (ep.get("targetRef") or {}).get("name") or service
                 for address in ep.get("addresses") or []:

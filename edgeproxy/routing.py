@@ -120,7 +120,7 @@ class RouteTable:
                 group = self.any_host
         if group is not None:
             memo = group.memo
-            route = memo.get(path, MISSING)  # type: ignore[arg-type]
+            route = memo.get(path, MISSING)
             if route is MISSING:
                 route = group.match(path)
                 if len(memo) >= PATH_MEMO_SIZE:

@@ -57,7 +57,7 @@ class Dataplane:
         """Swap the table in; attach per-endpoint state and balancers first (Cluster.hosts)."""
         from edgeproxy.balancing import RoundRobin
 
-        live = set()
+        live: set[EndpointKey] = set()
         for cluster in table.clusters():
             cluster.hosts = tuple(self.registry.get(k) for k in cluster.keys)
             live.update(cluster.keys)

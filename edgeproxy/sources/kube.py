@@ -243,7 +243,7 @@ class KubeSource:
     def __init__(self, store: ObjectStore, *, namespaces: Iterable[str], kubeconfig: Path | None,
                  in_cluster: bool, default_secret: str | None = None) -> None:  # fmt: skip
         self.store = store
-        self.namespaces = list(namespaces) or [None]
+        self.namespaces: list[str | None] = list(namespaces) or [None]
         self.kubeconfig = kubeconfig
         self.in_cluster = in_cluster
         self.default_refs: set[tuple[str, str]] = set()
