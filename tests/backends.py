@@ -134,6 +134,19 @@ class Pods:
             writer.write(b"HTTP/1.1 %d Whatever\r\n%sX-Pod: %s\r\n\r\n" % (status, length, address.encode()))  # fmt: skip
             await writer.drain()
             return True
+        if target == "/early-hints":
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")  # fmt: skip
+            await writer.drain()
+            return True
+        if target == "/close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 6\r\n\r\nclosed")
+            await writer.drain()
+            return False
+        if target == "/garbage":
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            await writer.drain()
+            return False
         if target == "/head-length":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
             if method != "HEAD":

@@ -217,3 +217,68 @@ async def test_live_reload_keeps_an_open_keep_alive_connection(pods: Pods, proxy
         raise AssertionError("the edited manifest never took effect")
     assert pods.connections.get("127.0.0.3") == 1
     await client.close()
+
+
+async def test_early_hints_reach_an_http11_client_before_the_response(pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    client = await Client.connect(proxy.http)
+    await client.send_raw(b"GET /early-hints HTTP/1.1\r\nHost: h\r\n\r\n")
+    hints = await read_head(client.reader)
+    assert hints is not None and hints.status == 103
+    assert hints.header("link") == "</style.css>; rel=preload"
+    final = await client.response()
+    assert final.status == 200 and final.body == b"final"
+    await client.close()
+
+
+async def test_absolute_form_target_routes_by_its_authority(pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    objs = simple_site(port, "127.0.0.2")
+    objs[1] = k8s.ingress("site", [("real.example.com", [k8s.path("/", "web")])])
+    proxy = await proxy_factory(objs)
+    resp = await fetch(proxy.http, "GET", "http://real.example.com/a?b=1", host="ignored.example.com")
+    data = echo(resp)
+    assert data["target"] == "/a?b=1"  # origin-form upstream (RFC 9112 3.2.1)
+
+
+async def test_upstream_connection_close_is_not_reused(pods: Pods, proxy_factory: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    client = await Client.connect(proxy.http)
+    for _ in range(3):
+        resp = await client.request("GET", "/close")
+        assert resp.body == b"closed" and resp.header("connection") is None  # hop-by-hop
+    assert pods.connections["127.0.0.2"] == 3
+    await client.close()
+
+
+async def test_client_connection_close_is_honoured(pods: Pods, proxy_factory: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    client = await Client.connect(proxy.http)
+    resp = await client.request("GET", "/", headers=[("Connection", "close")])
+    assert resp.status == 200 and resp.header("connection") == "close"
+    assert await client.closed_by_peer()
+
+
+async def test_invalid_upstream_response_is_502(pods: Pods, proxy_factory: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    resp = await fetch(proxy.http, "GET", "/garbage")
+    assert resp.status == 502
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(pods: Pods, proxy_factory: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    client = await Client.connect(proxy.http)
+    await client.send_raw(b"GET /slow/400 HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(0.1)
+    assert proxy.proc is not None
+    proxy.proc.send_signal(15)
+    await asyncio.sleep(0.1)
+    assert (await fetch(proxy.admin, "GET", "/readyz")).status == 503  # not ready: draining
+    resp = await client.response()
+    assert resp.status == 200 and resp.header("connection") == "close"
+    await client.close()

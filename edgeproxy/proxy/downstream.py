@@ -614,6 +614,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.phase = STREAMING
         self.resp_started = True
         self.status = head.status
+        if self.dp.draining:
+            self.keep_alive = False  # shutting down: this response is the connection's last
         rechunk = False
         if no_body or head.content_length is not None or head.chunked:
             framing = b""  # Content-Length or chunked pass through with the body
