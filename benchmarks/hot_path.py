@@ -90,12 +90,20 @@ def main() -> int:
     parser.add_argument("--exchanges", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--browser", action="store_true", help="a 13-field browser request")
+    parser.add_argument("--ingresses", type=int, default=0, help="other Ingresses in the table")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     dp = Dataplane(Settings(), loop)
     dp.balancer_types = load_balancers()
     store = ObjectStore()
-    store.replace("bench", objects())
+    filler = [
+        {"kind": "Ingress", "metadata": {"name": f"other-{i}", "namespace": "b"},
+         "spec": {"ingressClassName": "ep", "rules": [{"host": f"h{i}.example.org", "http": {
+             "paths": [{"path": "/", "pathType": "Prefix", "backend": {
+                 "service": {"name": "api", "port": {"number": 80}}}}]}}]}}
+        for i in range(args.ingresses)
+    ]  # fmt: skip
+    store.replace("bench", objects() + filler)
     dp.publish(compile_routes(store.snapshot()).table)
     state = next(iter(dp.registry.states.values()))
     upstream = UpstreamConnection(state)
