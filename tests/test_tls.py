@@ -246,3 +246,30 @@ async def test_https_backend_verified_against_a_ca_secret(ca: trustme.CA, proxy_
     else:
         assert resp.status == 502
     server.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_tls_sessions_are_resumed(ca: trustme.CA, pods: Pods, proxy_factory: Any, version: ssl.TLSVersion) -> None:  # fmt: skip
+    import socket
+
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    proxy = await proxy_factory(site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                                              [tls_secret("cert", cert)]), https=True)  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(ctx)
+    ctx.minimum_version = ctx.maximum_version = version
+
+    def one_request(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool, bytes]:
+        raw = socket.create_connection(("127.0.0.1", proxy.https), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="secure.example.com", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: secure.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):  # reading lets the TLS 1.3 ticket arrive
+                data += chunk
+            return tls.session, tls.session_reused, data
+
+    session, reused, data = await asyncio.to_thread(one_request, None)
+    assert not reused and data.startswith(b"HTTP/1.1 200")
+    _, reused, data = await asyncio.to_thread(one_request, session)
+    assert reused and data.startswith(b"HTTP/1.1 200")
