@@ -25,7 +25,9 @@ from httptools import (
 
 from edgeproxy.balancing import choose
 from edgeproxy.proxy.headers import (
+    PLAIN_CONNECTION_TOKENS,
     REQUEST_DROP,
+    SPECIAL_FIELDS,
     connection_tokens,
     error_body,
     local_response,
@@ -80,7 +82,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "host_header",
         "http10",
         "keep_alive",
-        "lowered",
+        "fwd",
         "max_header_bytes",
         "method",
         "parser",
@@ -144,7 +146,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.active = False
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.lowered: list[bytes] = []
+        self.fwd: list[bytes] = []
         self.header_bytes = 0
         self.host_header: bytes | None = None
         self.host_count = 0
@@ -287,8 +289,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def header(self, name: bytes) -> bytes | None:
         name = name.lower()
-        for (_, value), lname in zip(self.headers, self.lowered, strict=True):
-            if lname == name:
+        for field_name, value in self.headers:
+            if field_name.lower() == name:
                 return value
         return None
 
@@ -321,34 +323,41 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         lname = name.lower()
         self.headers.append((name, value))
-        self.lowered.append(lname)
         self.header_bytes += len(name) + len(value) + 4
-        first = lname[0]
-        if first == 104 and lname == b"host":  # h
+        if lname in SPECIAL_FIELDS:
+            self._special_field(lname, value)
+            if lname in REQUEST_DROP:
+                return
+        # Forwarded as received; the upstream head is these lines plus edgeproxy's own.
+        self.fwd += (name, b": ", value, b"\r\n")
+
+    def _special_field(self, lname: bytes, value: bytes) -> None:
+        """Fields edgeproxy reads (framing, routing, forwarding); most are not forwarded."""
+        if lname == b"host":
             self.host_header = value
             self.host_count += 1
-        elif first == 99:  # c
-            if lname == b"content-length":
-                self.content_length = int(value)  # llhttp checked: digits, duplicates agree
-            elif lname == b"connection":
-                self.conn_tokens = self.conn_tokens | connection_tokens(value)
-        elif first == 116 and lname == b"transfer-encoding":  # t
+        elif lname == b"content-length":
+            self.content_length = int(value)  # llhttp checked: digits, duplicates agree
+        elif lname == b"connection":
+            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+        elif lname == b"transfer-encoding":
             self.chunked = True
-        elif first == 120:  # x
+        elif lname == b"x-forwarded-for":
             self.rare = True
-            if lname == b"x-forwarded-for":
-                self.xff = value if self.xff is None else self.xff + b", " + value
-            elif lname == b"x-request-id":
-                self.has_request_id = True
-            elif lname == b"x-forwarded-proto":
-                self.xf_proto = value
-        elif first == 101 and lname == b"expect":  # e
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif lname == b"x-request-id":
+            self.rare = True
+            self.has_request_id = True
+        elif lname == b"x-forwarded-proto":
+            self.rare = True
+            self.xf_proto = value
+        elif lname == b"expect":
             self.rare = True
             if value.lower() == b"100-continue":
                 self.expect_continue = True
             else:
                 raise ClientProtocolError(417, "unsupported expectation")
-        elif first == 117 and lname == b"upgrade":  # u
+        elif lname == b"upgrade":
             self.rare = True
             self.upgrade = value
 
@@ -398,9 +407,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             self.url = url
-        if self.host_header is None:  # HTTP/1.0 without Host; the upstream speaks 1.1
-            self.headers.append((b"Host", host or b"localhost"))
-            self.lowered.append(b"host")
+        if self.host_header is None:  # HTTP/1.0 without Host; give the upstream one
+            self.fwd += (b"Host: ", host or b"localhost", b"\r\n")
         qmark = url.find(b"?")
         raw_path = url if qmark < 0 else url[:qmark]
         try:
@@ -432,10 +440,14 @@ class DownstreamProtocol(asyncio.Protocol):
         # with a chunked body the client could not read (as nginx's proxy_http_version 1.0).
         parts = [method, b" ", url, b" HTTP/1.0\r\n" if self.http10 else b" HTTP/1.1\r\n"]
         named = self.conn_tokens
-        for (name, value), lname in zip(self.headers, self.lowered, strict=True):
-            if lname in REQUEST_DROP or (named and lname in named):
-                continue
-            parts += (name, b": ", value, b"\r\n")
+        if named and not named <= PLAIN_CONNECTION_TOKENS:
+            # Fields the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            for name, value in self.headers:
+                lname = name.lower()
+                if lname not in REQUEST_DROP and lname not in named:
+                    parts += (name, b": ", value, b"\r\n")
+        else:
+            parts += self.fwd
         if host:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,

@@ -26,6 +26,9 @@ FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
                        b"x-forwarded-port"})  # fmt: skip
 # Expect: edgeproxy answers 100-continue itself; Content-Length: re-added with the framing.
 REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length"}
+# Fields the client side reads as they arrive (the rest only pass through).
+SPECIAL_FIELDS = REQUEST_DROP | {b"host", b"x-request-id"}
+PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
