@@ -50,27 +50,27 @@ class ResponseHead:
         at = lower.find(b"\r\ntransfer-encoding:")
         self.chunked = at >= 0 and lower[at : lower.find(b"\r\n", at + 20)].rstrip().endswith(b"chunked")
         head = raw
+        # Hop-by-hop fields to drop (RFC 9110 7.6.1). The common case is one Connection line
+        # with keep-alive or close: cut it out by position; anything else takes the regex.
+        others = b"\r\nkeep-alive:" in lower or b"\r\nproxy-" in lower or b"\r\nupgrade:" in lower
         at = lower.find(b"\r\nconnection:")
         if at >= 0:
-            value = lower[at + 13 : lower.find(b"\r\n", at + 13)].strip()
-            extra = () if value in PLAIN_CONNECTION_TOKENS else (
-                {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS)  # fmt: skip
-            if extra:  # fields named by Connection are hop-by-hop too
-                names = b"|".join(re.escape(t) for t in extra)
-                head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
+            eol = lower.find(b"\r\n", at + 13)
+            value = lower[at + 13 : eol].strip()
+            if value in PLAIN_CONNECTION_TOKENS:
+                if not others:
+                    head = raw[:at] + raw[eol:]
+            else:
+                others = True
+                extra = {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS
+                if extra:  # fields named by Connection are hop-by-hop too
+                    names = b"|".join(re.escape(t) for t in extra)
+                    head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
+        if others:
+            head = HOP_BY_HOP_LINE_RE.sub(b"", head)
         if status == 101:
             up = lower.find(b"\r\nupgrade:")
             self.upgrade = raw[up + 10 : raw.find(b"\r\n", up + 10)].strip() if up >= 0 else b""
-        if at >= 0 and lower.count(b"\r\n") > 1 and b"\r\nkeep-alive:" not in lower and (
-            b"\r\nproxy-" not in lower and b"\r\nupgrade:" not in lower
-        ) and head is raw:
-            # The common case: Connection is the only hop-by-hop field; cut its line out.
-            end = raw.find(b"\r\n", at + 2)
-            head = raw[:at] + raw[end:]
-        elif at >= 0 or b"\r\nkeep-alive:" in lower or b"\r\nproxy-" in lower or (
-            b"\r\nupgrade:" in lower
-        ):  # fmt: skip
-            head = HOP_BY_HOP_LINE_RE.sub(b"", head)
         if head[5:8] != b"1.1":
             head = b"HTTP/1.1" + head[8:]  # edgeproxy speaks 1.1 to the client (RFC 9110 6.2)
         if b"\r\nserver:" not in lower:
