@@ -35,3 +35,9 @@ def test_switching_protocols_keeps_its_upgrade_token() -> None:
     h = head(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", 101)
     assert h.upgrade == b"websocket"
     assert b"Upgrade" not in h.head and b"Connection" not in h.head  # re-added by the tunnel
+
+
+def test_upstream_knows_the_downstream_closed_phase() -> None:
+    from edgeproxy.proxy import downstream, upstream
+
+    assert upstream.CLOSED_PHASE == downstream.CLOSED

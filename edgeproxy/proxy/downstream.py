@@ -246,9 +246,11 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             if self.phase == READING_HEAD and self.header_bytes > self.max_header_bytes:
                 self.fail_client(431)
-        if self.up_wbuf:
-            self.flush_upstream()
-        if self.wbuf:
+        buf = self.up_wbuf  # flush_upstream and flush_client, inlined: one write per side
+        if buf and self.upstream is not None:
+            self.upstream.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
+        if self.wbuf or self.phase == CLOSED:
             self.flush_client()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -369,11 +371,10 @@ class DownstreamProtocol(asyncio.Protocol):
         # Connection field a kept-alive request is 1.1, and get_http_version (which formats
         # a string) is not needed.
         version = parser.get_http_version() if self.conn_tokens or not keep_alive else "1.1"
-        args = (parser.get_method(), version, keep_alive)
         if self.queued is not None:
-            self._queue(self._headers_complete, args)
+            self._queue(self._headers_complete, (parser.get_method(), version, keep_alive))
             return
-        self._headers_complete(*args)
+        self._headers_complete(parser.get_method(), version, keep_alive)
 
     def _headers_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
         dp = self.dp
@@ -543,7 +544,19 @@ class DownstreamProtocol(asyncio.Protocol):
             conn = idle.pop()
             if not conn.closed:
                 conn.reused = True
-                self._attach(conn)
+                if self.pending:
+                    self._attach(conn)
+                    return
+                # _attach for a request whose body (if any) has not arrived yet, inlined.
+                self.upstream = conn
+                conn.exchange = self
+                conn.received = False
+                conn.in_head = True
+                conn.done = False
+                conn.skip_body = self.method == b"HEAD"
+                self.phase = WAITING_UPSTREAM
+                self.up_ready = True
+                self.up_wbuf.append(self.up_head)
                 return
         dp = self.dp
         self.phase = WAITING_UPSTREAM

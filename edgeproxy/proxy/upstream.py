@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from edgeproxy.health import EndpointState
     from edgeproxy.proxy.downstream import DownstreamProtocol
 
+CLOSED_PHASE = 4  # DownstreamProtocol's CLOSED (kept in sync by a test)
 MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
 
 # Over the lower-cased head (the leading CRLF anchors a field name at the start of a line).
@@ -158,7 +159,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
             exchange.upstream_broken(self, f"invalid response: {exc}")
             return
-        exchange.flush_client()
+        buf = exchange.wbuf  # DownstreamProtocol.flush_client, inlined for the common case
+        transport = exchange.transport
+        if buf and transport is not None and exchange.phase != CLOSED_PHASE:
+            transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
+        else:
+            exchange.flush_client()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
