@@ -42,7 +42,8 @@ class Dataplane:
         self.draining = False
         self.host_names: dict[bytes, str] = {}  # Host header -> normalised name, bounded
         self.upstream_ssl: ssl.SSLContext | None = None  # for backend-protocol: HTTPS
-        # X-Request-ID: a per-process random prefix and a counter; unique without a syscall.
+        # X-Request-ID: a per-process random prefix and a counter; unique without a syscall
+        # (the client side formats it: DownstreamProtocol._headers_complete).
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_counter = 0
         shortest = min(
@@ -87,10 +88,6 @@ class Dataplane:
             self.host_names.clear()  # a flood of distinct Host values must not grow memory
         self.host_names[raw] = name
         return name
-
-    def request_id(self) -> bytes:
-        self.rid_counter += 1
-        return b"%s%016x" % (self.rid_prefix, self.rid_counter)
 
     def start(self) -> None:
         self._sweeper = self.loop.call_later(self.tick, self._sweep)

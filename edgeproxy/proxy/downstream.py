@@ -547,7 +547,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 if self.pending:
                     self._attach(conn)
                     return
-                # _attach for a request whose body (if any) has not arrived yet, inlined.
+                # _attach (with UpstreamConnection.begin) for a request whose body, if any,
+                # has not arrived yet: inlined, this is the path of most requests.
                 self.upstream = conn
                 conn.exchange = self
                 conn.received = False
@@ -597,11 +598,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.exchange = self  # UpstreamConnection.begin, inlined on the hot path
-        conn.received = False
-        conn.in_head = True
-        conn.done = False
-        conn.skip_body = self.method == b"HEAD"
+        conn.begin(self, skip_body=self.method == b"HEAD")
         self.phase = WAITING_UPSTREAM
         self.deadline = self.dp.now + self.read_timeout
         self.up_ready = True
@@ -667,7 +664,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if self.status in GATEWAY_FAILURE_STATUSES:
                 self.dp.registry.record_failure(endpoint, self.route.cluster)  # type: ignore[union-attr]
             else:
-                endpoint.consecutive_failures = 0
+                if endpoint.consecutive_failures:
+                    self.dp.registry.record_success(endpoint)
         self.upstream = None
         conn.exchange = None
         if conn.reusable and self.req_done and not endpoint.draining:  # type: ignore[union-attr]
