@@ -261,7 +261,8 @@ class DownstreamProtocol(asyncio.Protocol):
             # The client left mid-exchange: the upstream's answer has nowhere to go.
             self.upstream = None
             upstream.abort()
-            self._release_endpoint()
+        # Also while a connect is pending: _connect sees the CLOSED phase and drops its socket.
+        self._release_endpoint()
 
     def pause_writing(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
@@ -834,6 +835,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self._reset_exchange()
         self.phase = IDLE
         self.deadline = self.dp.now + self.keepalive_timeout
+        if "upstream" in self.read_paused_by:
+            # The upstream's buffer filled during this exchange and its connection was
+            # released before it drained: its resume_writing will not reach us.
+            self._pause_reading("upstream", False)
         queued = self.queued
         if queued is not None:
             self.queued = None
