@@ -84,6 +84,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "keep_alive",
         "fwd",
         "max_header_bytes",
+        "max_body_bytes",
         "method",
         "parser",
         "path",
@@ -209,6 +210,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.keepalive_timeout = settings.keepalive_timeout
         self.header_timeout = settings.client_header_timeout
         self.max_header_bytes = settings.max_header_bytes
+        self.max_body_bytes = settings.max_body_bytes
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -379,8 +381,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _headers_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
         dp = self.dp
-        settings = dp.settings
-        if self.header_bytes > settings.max_header_bytes:
+        if self.header_bytes > self.max_header_bytes:
             raise ClientProtocolError(431, "header section too large")
         self.method = method
         self.http10 = version == "1.0"
@@ -392,7 +393,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # Framing of the request body (RFC 9112 6.3); llhttp already rejected CL + TE.
         length = self.content_length
         self.has_body = self.chunked or length > 0
-        if settings.max_body_bytes and length > settings.max_body_bytes:
+        if self.max_body_bytes and length > self.max_body_bytes:
             raise ClientProtocolError(413, "request body over the limit")
 
         url = self.url
@@ -669,10 +670,11 @@ class DownstreamProtocol(asyncio.Protocol):
                     self.dp.registry.record_success(endpoint)
         self.upstream = None
         conn.exchange = None
+        dp = self.dp
         if conn.reusable and self.req_done and not endpoint.draining:  # type: ignore[union-attr]
-            conn.idle_since = self.dp.now
+            conn.idle_since = dp.now
             idle = conn.endpoint.idle
-            if len(idle) < self.dp.settings.upstream_max_idle_per_endpoint:
+            if len(idle) < dp.settings.upstream_max_idle_per_endpoint:
                 idle.append(conn)
             else:
                 conn.close()
@@ -686,7 +688,15 @@ class DownstreamProtocol(asyncio.Protocol):
             endpoint.in_flight -= 1
             self.endpoint = None
         if self.req_done:
-            self._finish()
+            if (self.keep_alive and self.queued is None and not self.upgrading
+                    and not self.read_paused_by and self.phase != CLOSED):  # fmt: skip
+                # _finish for a plain keep-alive exchange, inlined.
+                dp.status_counts[self.status] += 1
+                self._reset_exchange()
+                self.phase = IDLE
+                self.deadline = dp.now + self.keepalive_timeout
+            else:
+                self._finish()
 
     def upstream_upgraded(self, rest: bytes) -> None:
         """101 Switching Protocols: from here on both connections are a byte tunnel."""
