@@ -17,7 +17,7 @@ def test_connection_keep_alive_line_is_cut_and_server_added() -> None:
 
 def test_fields_named_by_connection_and_other_hop_by_hop_fields_are_dropped() -> None:
     h = head(b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n"
-             b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Kept: 2\r\n"
+             b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nProxy-Other: 1\r\nX-Kept: 2\r\n"
              b"Transfer-Encoding: chunked\r\n")  # fmt: skip
     assert h.head == (b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Kept: 2\r\n"
                       b"Transfer-Encoding: chunked\r\n")  # fmt: skip

@@ -73,9 +73,9 @@ async def test_forwarding_headers_are_rewritten(pods: Pods, proxy_factory: Any) 
     data = echo(await fetch(proxy.http, "GET", "/h", host="site.example.com:8080", headers=[
         ("Connection", "keep-alive, X-Secret"), ("X-Secret", "hop"), ("Keep-Alive", "timeout=5"),
         ("TE", "trailers"), ("Proxy-Authorization", "Basic x"), ("X-Forwarded-For", "6.6.6.6"),
-        ("X-Request-ID", "abc-123"), ("X-Custom", "kept"),
+        ("X-Request-ID", "abc-123"), ("X-Custom", "kept"), ("Proxy-Anything", "hop"),
     ]))  # fmt: skip
-    for hop in ("Connection", "X-Secret", "Keep-Alive", "TE", "Proxy-Authorization"):
+    for hop in ("Connection", "X-Secret", "Keep-Alive", "TE", "Proxy-Authorization", "Proxy-Anything"):
         assert upstream_header(data, hop) == [], hop
     assert upstream_header(data, "Host") == ["site.example.com:8080"]
     assert upstream_header(data, "X-Forwarded-For") == ["127.0.0.1"]  # untrusted client: replaced

@@ -333,6 +333,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self._special_field(lname, value)
             if lname in REQUEST_DROP:
                 return
+        elif lname[:6] == b"proxy-":
+            return  # every Proxy-* field is for this hop only
         # Forwarded as received; the upstream head is these lines plus edgeproxy's own.
         self.fwd += (name, b": ", value, b"\r\n")
 
@@ -447,7 +449,7 @@ class DownstreamProtocol(asyncio.Protocol):
             # Fields the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
             for name, value in self.headers:
                 lname = name.lower()
-                if lname not in REQUEST_DROP and lname not in named:
+                if lname not in REQUEST_DROP and lname not in named and lname[:6] != b"proxy-":
                     parts += (name, b": ", value, b"\r\n")
         else:
             parts += self.fwd

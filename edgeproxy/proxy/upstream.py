@@ -26,7 +26,7 @@ MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, b
 # Hop-by-hop response fields (RFC 9110 7.6.1) that edgeproxy drops; framing fields stay,
 # because the body passes through with its own framing.
 HOP_BY_HOP_LINE_RE = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|upgrade)[ \t]*:[^\r\n]*",
+    rb"\r\n(?:connection|keep-alive|proxy-[a-z0-9-]*|upgrade)[ \t]*:[^\r\n]*",
     re.IGNORECASE,
 )
 PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
