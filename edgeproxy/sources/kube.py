@@ -41,6 +41,7 @@ READ_TIMEOUT_S = 120  # no byte (bookmarks included) for this long: the stream i
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 15.0
 TLS_SECRET_SELECTOR = "type=kubernetes.io/tls"
+BY_NAME_SOURCE = "kube:Secret:by-name"  # referenced Secrets the narrow watch does not cover
 
 
 class Gone(Exception):
@@ -266,10 +267,11 @@ class KubeSource:
         removed = self.referenced - wanted
         self.referenced = wanted
         for ns, name in removed:
+            gone = {"kind": "Secret", "metadata": {"namespace": ns, "name": name}}
+            self.store.delete(BY_NAME_SOURCE, gone)
             for watcher in self.watchers:
                 if watcher.spec.kind == "Secret":
-                    self.store.delete(watcher.source, {"kind": "Secret",
-                                                       "metadata": {"namespace": ns, "name": name}})  # fmt: skip
+                    self.store.delete(watcher.source, gone)
         for ref in added:
             if ref not in self._fetching and self.api is not None:
                 self._fetching.add(ref)
@@ -282,9 +284,13 @@ class KubeSource:
             obj = await self.api.get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}")
             obj.setdefault("kind", "Secret")
             if (namespace, name) in self.referenced:
+                # A TLS Secret joins its watcher's objects (the narrow watch keeps it fresh);
+                # any other type (a backend CA) is kept apart, so a re-list does not drop it.
                 watcher = next((w for w in self.watchers if w.spec.kind == "Secret"
                                 and w.namespace in (None, namespace)), None)  # fmt: skip
-                self.store.upsert(watcher.source if watcher else "kube:Secret:fetched", obj)
+                tls = obj.get("type") == "kubernetes.io/tls"
+                source = watcher.source if (watcher and tls) else BY_NAME_SOURCE
+                self.store.upsert(source, obj)
         except ApiError as exc:
             log.warning("Secret %s/%s: %s; its hosts use the default certificate", namespace, name, exc)
         except (TimeoutError, aiohttp.ClientError, OSError, Gone) as exc:
