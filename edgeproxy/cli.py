@@ -20,7 +20,6 @@ from edgeproxy.config import OutlierSettings, Settings
 
 log = logging.getLogger("edgeproxy")
 
-SHUTDOWN_POLL_INTERVAL = 0.05
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -163,8 +162,6 @@ def _run_demo_pods(paths: list[Path]) -> None:
     from edgeproxy.demo import serve_pods_forever
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if hasattr(os, "PR_SET_PDEATHSIG"):
-        pass
     try:
         import ctypes
 

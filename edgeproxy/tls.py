@@ -119,20 +119,14 @@ class CertificateStore:
         self.default = self._self_signed()
 
     def _self_signed(self) -> ssl.SSLContext:
-        cert, key = self_signed_pem()
+        self._self_signed_pem = self_signed_pem()
         log.info("no default certificate configured yet: generated a self-signed one")
-        return context_from_pem(cert, key, "self-signed default")
+        return context_from_pem(*self._self_signed_pem, "self-signed default")
 
     def server_context(self) -> ssl.SSLContext:
         """The listener's context: its SNI callback swaps in the certificate for the name."""
-        ctx = _new_server_context()
-        cert, key = self_signed_pem()  # placeholder; every handshake gets a context below
-        with tempfile.TemporaryDirectory(prefix="edgeproxy-tls-") as tmp:
-            paths = [os.path.join(tmp, n) for n in ("c", "k")]
-            for path, pem in zip(paths, (cert, key), strict=True):
-                with open(path, "wb") as f:
-                    f.write(pem)
-            ctx.load_cert_chain(paths[0], paths[1])
+        # Its own certificate is a placeholder: the SNI callback runs for every handshake.
+        ctx = context_from_pem(*self._self_signed_pem, "listener")
         ctx.sni_callback = self._on_sni
         return ctx
 

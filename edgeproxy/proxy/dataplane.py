@@ -56,19 +56,15 @@ class Dataplane:
 
     def publish(self, table: RouteTable) -> None:
         """Swap the table in; attach per-endpoint state and balancers first (Cluster.hosts)."""
-        from edgeproxy.balancing import RoundRobin
-
         live: set[EndpointKey] = set()
         for cluster in table.clusters():
-            cluster.hosts = tuple(self.registry.get(k) for k in cluster.keys)
+            self._bind(cluster, cluster.keys)
             live.update(cluster.keys)
-            factory = self.balancer_types.get(cluster.balancer_name, RoundRobin)
-            cluster.balancer = factory(cluster.hosts, cluster.balancer_options)
         self.table = table
         self.registry.retain(live)
 
-    def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
-        """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
+    def _bind(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
+        """Give the cluster these endpoints' states and a balancer over them."""
         from edgeproxy.balancing import RoundRobin
 
         hosts = tuple(self.registry.get(k) for k in keys)
@@ -76,6 +72,10 @@ class Dataplane:
         balancer = factory(hosts, cluster.balancer_options)
         cluster.keys, cluster.hosts, cluster.balancer = keys, hosts, balancer
         cluster.healthy_epoch = -1
+
+    def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
+        """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
+        self._bind(cluster, keys)
 
     def retain_live(self) -> None:
         """Drop per-endpoint state no cluster of the live table refers to any more."""

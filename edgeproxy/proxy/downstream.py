@@ -105,7 +105,6 @@ class DownstreamProtocol(asyncio.Protocol):
         "stale_retry",
         "status",
         "transport",
-        "tried",
         "trusted_peer",
         "tunnel_rest",
         "up_head",
@@ -181,7 +180,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.xff: bytes | None = None
         self.xf_proto: bytes | None = None
         self.has_request_id = False
-        self.tried: EndpointState | None = None
         self.stale_retry = False
         self.up_wbuf: list[bytes] = []
         self.pending: list[bytes] = []
@@ -777,7 +775,6 @@ class DownstreamProtocol(asyncio.Protocol):
         retryable = (self.method in IDEMPOTENT or not self.has_body) and not body_sent
         if retryable and self.attempts < 2 and len(route.cluster.hosts) > 1 and not timeout:
             self.dp.retries += 1
-            self.tried = endpoint
             self._start_attempt(endpoint)
             self.flush_upstream()
             self.flush_client()
