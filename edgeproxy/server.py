@@ -52,6 +52,7 @@ async def serve(
     from edgeproxy.compile import CompileResult
     from edgeproxy.objects import ObjectStore
     from edgeproxy.pipeline import RoutePipeline
+    from edgeproxy.proxy import compiled, protocol_factory
     from edgeproxy.proxy.dataplane import Dataplane
     from edgeproxy.proxy.downstream import DownstreamProtocol
     from edgeproxy.sources.manifests import ManifestSource
@@ -128,14 +129,15 @@ async def serve(
     if args.http:
         host, port = args.http
         servers.append(await loop.create_server(
-            lambda: DownstreamProtocol(dp, b"http", str(port).encode()), host, port,
+            protocol_factory(lambda: DownstreamProtocol(dp, b"http", str(port).encode())), host, port,
             reuse_port=reuse_port, backlog=1024,
         ))  # fmt: skip
-        log.info("HTTP listener on %s:%d", host, port)
+        log.info("HTTP listener on %s:%d (hot path: %s)", host, port,
+                 "compiled" if compiled() else "pure Python")
     if args.https:
         host, port = args.https
         servers.append(await loop.create_server(
-            lambda: DownstreamProtocol(dp, b"https", str(port).encode()), host, port,
+            protocol_factory(lambda: DownstreamProtocol(dp, b"https", str(port).encode())), host, port,
             ssl=certificates.server_context(), reuse_port=reuse_port, backlog=1024,
         ))  # fmt: skip
         log.info("HTTPS listener on %s:%d", host, port)

@@ -1,21 +1,48 @@
-"""Head rewriting as pure functions: what reaches the client of an upstream's response head."""
+"""Head rewriting as pure functions: what reaches the client of an upstream's response head.
+
+Every case runs against the Python scan and, when setup.py compiled it, its C twin
+(_heads.pyx); a final case checks that the two agree on a batch of varied heads.
+"""
 
 from __future__ import annotations
 
-from edgeproxy.proxy.upstream import ResponseHead
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from edgeproxy.proxy import upstream
+from edgeproxy.proxy.upstream import ResponseHead, scan_response_head_py
+
+try:
+    from edgeproxy.proxy._heads import scan_response_head as scan_c
+except ImportError:
+    scan_c = None
+
+SCANS = [pytest.param(scan_response_head_py, id="python"),
+         pytest.param(scan_c, id="c", marks=pytest.mark.skipif(scan_c is None, reason="not compiled"))]  # fmt: skip
 
 
-def head(raw: bytes, status: int = 200) -> ResponseHead:
-    return ResponseHead(status, raw)
+@pytest.fixture(params=SCANS)
+def head(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    # ResponseHead is compiled code that calls the module's scan_response_head: swap it there.
+    monkeypatch.setattr(upstream, "scan_response_head", request.param)
+
+    def make(raw: bytes, status: int = 200) -> ResponseHead:
+        return ResponseHead(status, raw)
+
+    return make
 
 
-def test_connection_keep_alive_line_is_cut_and_server_added() -> None:
+def test_connection_keep_alive_line_is_cut_and_server_added(head: Callable[..., Any]) -> None:
     h = head(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n")
     assert h.head == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: edgeproxy\r\n"
     assert h.content_length == b"5" and not h.chunked
 
 
-def test_fields_named_by_connection_and_other_hop_by_hop_fields_are_dropped() -> None:
+def test_fields_named_by_connection_and_other_hop_by_hop_fields_are_dropped(head: Callable[..., Any]) -> None:
     h = head(b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n"
              b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nProxy-Other: 1\r\nX-Kept: 2\r\n"
              b"Transfer-Encoding: chunked\r\n")  # fmt: skip
@@ -24,14 +51,14 @@ def test_fields_named_by_connection_and_other_hop_by_hop_fields_are_dropped() ->
     assert h.chunked and h.content_length is None
 
 
-def test_http10_status_line_becomes_11_and_case_does_not_matter() -> None:
+def test_http10_status_line_becomes_11_and_case_does_not_matter(head: Callable[..., Any]) -> None:
     h = head(b"HTTP/1.0 404 Not Found\r\nCONTENT-LENGTH:  12 \r\nSERVER: x\r\n", 404)
     assert h.head.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert h.content_length == b"12"
     assert b"edgeproxy" not in h.head  # the upstream's Server is kept
 
 
-def test_switching_protocols_keeps_its_upgrade_token() -> None:
+def test_switching_protocols_keeps_its_upgrade_token(head: Callable[..., Any]) -> None:
     h = head(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", 101)
     assert h.upgrade == b"websocket"
     assert b"Upgrade" not in h.head and b"Connection" not in h.head  # re-added by the tunnel
@@ -41,3 +68,35 @@ def test_upstream_knows_the_downstream_closed_phase() -> None:
     from edgeproxy.proxy import downstream, upstream
 
     assert upstream.CLOSED_PHASE == downstream.CLOSED
+
+
+def test_obs_fold_of_a_dropped_field_goes_with_it_and_last_coding_decides(head: Callable[..., Any]) -> None:
+    h = head(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5,\r\n max=100\r\nX-A: 1,\r\n 2\r\n"
+             b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n")  # fmt: skip
+    assert h.head == (b"HTTP/1.1 200 OK\r\nX-A: 1,\r\n 2\r\nTransfer-Encoding: chunked\r\n"
+                      b"Transfer-Encoding: gzip\r\nServer: edgeproxy\r\n")  # fmt: skip
+    assert not h.chunked  # the final coding is gzip: not chunked-framed (RFC 9112 6.3)
+
+
+def test_compiled_hot_path_is_what_ci_tests() -> None:
+    """CI sets EDGEPROXY_EXPECT_COMPILED=1: there the suite must run the compiled modules."""
+    from edgeproxy.proxy import compiled
+
+    if os.environ.get("EDGEPROXY_EXPECT_COMPILED") != "1":
+        pytest.skip("EDGEPROXY_EXPECT_COMPILED not set")
+    assert compiled() and scan_c is not None
+
+
+@pytest.mark.skipif(scan_c is None, reason="not compiled")
+def test_c_and_python_scans_agree() -> None:
+    assert scan_c is not None
+    status_lines = [b"HTTP/1.1 200 OK", b"HTTP/1.0 204 No Content", b"HTTP/1.1 101 Switching"]
+    fields = [b"Content-Length: 12", b"content-length:7 ", b"Connection: keep-alive",
+              b"CONNECTION: close, Upgrade", b"Connection: X-Hop", b"X-Hop: secret",
+              b"Transfer-Encoding: gzip, chunked", b"Keep-Alive: 5", b"Proxy-Foo: 1",
+              b"Upgrade: websocket", b"Server: up", b"Set-Cookie: a=b; Path=/", b"\tfolded",
+              b"C: short", b"P: x", b"U:", b"S"]  # fmt: skip
+    for status_line in status_lines:
+        for combo in itertools.combinations(fields, 3):
+            raw = b"\r\n".join((status_line, *combo)) + b"\r\n"
+            assert scan_c(raw) == scan_response_head_py(raw), raw

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -24,6 +24,7 @@ from httptools import (
 )
 
 from edgeproxy.balancing import choose
+from edgeproxy.proxy import protocol_factory
 from edgeproxy.proxy.headers import (
     PLAIN_CONNECTION_TOKENS,
     REQUEST_DROP,
@@ -56,7 +57,10 @@ class ClientProtocolError(Exception):
         self.status = status
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol:
+    """asyncio protocol of one client connection (not an asyncio.Protocol subclass: compiled,
+    it is an extension type, see downstream.pxd; asyncio and uvloop only call its methods)."""
+
     __slots__ = (
         "active",
         "attempts",
@@ -186,6 +190,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.pending_bytes = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------
+
+    def eof_received(self) -> None:
+        return None  # the transport closes itself, as with asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -576,14 +583,15 @@ class DownstreamProtocol(asyncio.Protocol):
             tls = cluster.upstream_ssl if cluster.backend_ca else dp.upstream_ssl
             server_name = cluster.backend_server_name or endpoint.address
         try:
-            _, conn = await dp.loop.create_connection(
-                lambda: UpstreamConnection(endpoint), endpoint.address, endpoint.port,
-                ssl=tls, server_hostname=server_name,
+            _, protocol = await dp.loop.create_connection(
+                protocol_factory(lambda: UpstreamConnection(endpoint)), endpoint.address,
+                endpoint.port, ssl=tls, server_hostname=server_name,
             )  # fmt: skip
         except (TimeoutError, OSError) as exc:
             if self.seq == seq and self.endpoint is endpoint and self.phase == WAITING_UPSTREAM:
                 self._upstream_failed(endpoint, f"connect: {exc}", body_sent=False)
             return
+        conn = cast("UpstreamConnection", protocol)
         if (self.seq != seq or self.endpoint is not endpoint or self.phase != WAITING_UPSTREAM
                 or self.upstream):  # fmt: skip
             conn.close()  # the exchange timed out or the client left meanwhile

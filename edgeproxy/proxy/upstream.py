@@ -1,8 +1,8 @@
 """Upstream side: one HTTP/1.1 connection to an endpoint, pooled per EndpointState.
 
 httptools (llhttp) validates the response and finds where it ends; the bytes themselves pass
-through. The head is rewritten once, in C (regular expressions over the raw head), and the
-body is forwarded as received (Content-Length and chunked framing are kept end to end), so a
+through. The head is rewritten once, in one pass over its lines (in C when compiled:
+_heads.pyx), and the body is forwarded as received (Content-Length and chunked framing are kept end to end), so a
 response costs no Python call per header or per body piece. Only a close-delimited body is
 re-framed (chunked) for the client.
 """
@@ -10,7 +10,6 @@ re-framed (chunked) for the client.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -22,67 +21,78 @@ if TYPE_CHECKING:
 CLOSED_PHASE = 4  # DownstreamProtocol's CLOSED (kept in sync by a test)
 MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
 
-# Over the lower-cased head (the leading CRLF anchors a field name at the start of a line).
-# Hop-by-hop response fields (RFC 9110 7.6.1) that edgeproxy drops; framing fields stay,
-# because the body passes through with its own framing.
-HOP_BY_HOP_LINE_RE = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-[a-z0-9-]*|upgrade)[ \t]*:[^\r\n]*",
-    re.IGNORECASE,
-)
 PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+SERVER_LINE = b"Server: edgeproxy\r\n"
+WATCHED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"server", b"connection",
+                            b"keep-alive", b"upgrade"})  # fmt: skip
 
 
 class ResponseHead:
-    """The parts of a raw response head the client side needs, found with bytes.find (C).
-
-    Field names are matched as "\\r\\nname:" on the lower-cased head: RFC 9112 5.1 allows
-    no whitespace between a field name and its colon (llhttp rejects it), so this is exact.
-    """
+    """The parts of a raw response head the client side needs (see scan_response_head)."""
 
     __slots__ = ("status", "head", "content_length", "chunked", "upgrade")
 
     def __init__(self, status: int, raw: bytes) -> None:
         """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
-        lower = raw.lower()
         self.status = status
-        self.upgrade = b""
-        at = lower.find(b"\r\ncontent-length:")
-        self.content_length = raw[at + 17 : lower.find(b"\r\n", at + 17)].strip() if at >= 0 else None
-        at = lower.find(b"\r\ntransfer-encoding:")
-        self.chunked = at >= 0 and lower[at : lower.find(b"\r\n", at + 20)].rstrip().endswith(b"chunked")
-        head = raw
-        # Hop-by-hop fields to drop (RFC 9110 7.6.1). The common case is one Connection line
-        # with keep-alive or close: cut it out by position; anything else takes the regex.
-        others = b"\r\nkeep-alive:" in lower or b"\r\nproxy-" in lower or b"\r\nupgrade:" in lower
-        at = lower.find(b"\r\nconnection:")
-        if at >= 0:
-            eol = lower.find(b"\r\n", at + 13)
-            value = lower[at + 13 : eol].strip()
-            if value in PLAIN_CONNECTION_TOKENS:
-                if not others:
-                    head = raw[:at] + raw[eol:]
-            else:
-                others = True
-                extra = {t.strip() for t in value.split(b",")} - PLAIN_CONNECTION_TOKENS
-                if extra:  # fields named by Connection are hop-by-hop too
-                    names = b"|".join(re.escape(t) for t in extra)
-                    head = re.sub(rb"\r\n(?:" + names + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
-        if others:
-            head = HOP_BY_HOP_LINE_RE.sub(b"", head)
-        if status == 101:
-            up = lower.find(b"\r\nupgrade:")
-            self.upgrade = raw[up + 10 : raw.find(b"\r\n", up + 10)].strip() if up >= 0 else b""
-        if head[5:8] != b"1.1":
-            head = b"HTTP/1.1" + head[8:]  # edgeproxy speaks 1.1 to the client (RFC 9110 6.2)
-        if b"\r\nserver:" not in lower:
-            head += SERVER_LINE
-        self.head = head
+        self.head, self.content_length, self.chunked, self.upgrade = scan_response_head(raw)
 
 
-SERVER_LINE = b"Server: edgeproxy\r\n"
+def scan_response_head_py(raw: bytes) -> tuple[bytes, bytes | None, bool, bytes]:
+    """-> (head for the client, Content-Length value or None, chunked, Upgrade value).
+
+    One pass over the lines. The hop-by-hop fields (RFC 9110 7.6.1) are dropped: Connection
+    and the fields it names, Keep-Alive, Proxy-*, Upgrade (a tunnel re-adds it). Framing
+    fields stay: the body passes through with its own framing. A field name is matched as
+    "name:" at the start of a line: RFC 9112 5.1 allows no whitespace before the colon (llhttp
+    rejects it), so this is exact. The status line becomes HTTP/1.1 (RFC 9110 6.2) and a
+    Server field is added when the upstream sent none. _heads.pyx is the same in C.
+    """
+    lines = raw.split(b"\r\n")
+    kept = [lines[0] if lines[0][5:8] == b"1.1" else b"HTTP/1.1" + lines[0][8:]]
+    content_length: bytes | None = None
+    chunked = False
+    upgrade = b""
+    named: frozenset[bytes] | None = None  # extra fields named by Connection
+    has_server = dropped = False
+    for line in lines[1:-1]:  # the last element is the b"" after the final CRLF
+        name = line[:18].lower().partition(b":")[0]
+        if name in WATCHED_FIELDS:
+            if name == b"content-length":
+                content_length = line[15:].strip()
+            elif name == b"transfer-encoding":
+                chunked = line[18:].strip().lower().endswith(b"chunked")  # the last coding
+            elif name == b"server":
+                has_server = True
+            else:  # hop-by-hop
+                if name == b"connection":
+                    tokens = frozenset(t.strip().lower() for t in line[11:].split(b","))
+                    if not tokens <= PLAIN_CONNECTION_TOKENS:
+                        named = tokens if named is None else named | tokens
+                elif name == b"upgrade":
+                    upgrade = line[8:].strip()
+                dropped = True
+                continue
+        elif name[:6] == b"proxy-" or (dropped and name[:1] in (b" ", b"\t")):
+            dropped = True  # Proxy-*, or an obs-fold line continuing a dropped field
+            continue
+        dropped = False
+        kept.append(line)
+    if named is not None:
+        kept = [line for line in kept if line.partition(b":")[0].strip().lower() not in named]
+    kept.append(b"" if has_server else SERVER_LINE)
+    return b"\r\n".join(kept), content_length, chunked, upgrade
 
 
-class UpstreamConnection(asyncio.Protocol):
+try:  # the C version, when setup.py could compile it
+    from edgeproxy.proxy._heads import scan_response_head
+except ImportError:
+    scan_response_head = scan_response_head_py
+
+
+class UpstreamConnection:
+    """asyncio protocol of one pooled connection to an endpoint (see upstream.pxd)."""
+
     __slots__ = (
         "closed",
         "done",
@@ -123,6 +133,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.switching: ResponseHead | None = None  # the 101 head, until the tunnel opens
 
     # -- asyncio.Protocol --------------------------------------------------------------
+
+    def eof_received(self) -> None:
+        return None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
