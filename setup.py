@@ -1,5 +1,5 @@
 """Build hook: compile the hot path with Cython when a C compiler is at hand:
-edgeproxy/proxy/{upstream,downstream}.py (typed by their .pxd files) and _heads.pyx (the C
+edgeproxy/proxy/{upstream,downstream,dataplane}.py (typed by their .pxd files) and _heads.pyx (the C
 twin of upstream.scan_response_head_py). Without a compiler, or with EDGEPROXY_PURE_PYTHON=1,
 the same modules install as plain Python and behave the same, slower. Everything else is in
 pyproject.toml.
@@ -14,6 +14,7 @@ from setuptools.command.build_ext import build_ext
 HOT_PATH = [
     "edgeproxy/proxy/upstream.py",
     "edgeproxy/proxy/downstream.py",
+    "edgeproxy/proxy/dataplane.py",
     "edgeproxy/proxy/_heads.pyx",
 ]
 

@@ -133,9 +133,10 @@ def manifests(workdir: Path, backend_port: int, extra_ingresses: int, tls: tuple
     return path
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_syscalls(pid: int) -> tuple[int, int]:
@@ -172,7 +173,9 @@ def measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
     result = run_wrk(port, args.duration, args.connections, 1)
     cpu1, (r1, w1) = proc_cpu_seconds(pid), proc_syscalls(pid)
     n = max(1, result["requests"])
-    result["cpu_us_per_req"] = (cpu1 - cpu0) / n * 1e6
+    result["user_us_per_req"] = (cpu1[0] - cpu0[0]) / n * 1e6
+    result["sys_us_per_req"] = (cpu1[1] - cpu0[1]) / n * 1e6
+    result["cpu_us_per_req"] = result["user_us_per_req"] + result["sys_us_per_req"]
     result["reads_per_req"] = (r1 - r0) / n
     result["writes_per_req"] = (w1 - w0) / n
     return result
@@ -266,7 +269,8 @@ def main() -> int:
                     result = measure(pid, port, args)
                     rounds[name].append(result)
                     print(f"round {r + 1} {name:22s} {result['rps']:9.0f} req/s  "
-                          f"p99 {result['p99_ms']:6.2f} ms  cpu {result['cpu_us_per_req']:5.1f} us/req  "
+                          f"p99 {result['p99_ms']:6.2f} ms  cpu {result['cpu_us_per_req']:5.1f} us/req "
+                          f"(user {result['user_us_per_req']:4.1f})  "
                           f"r/w {result['reads_per_req']:.2f}/{result['writes_per_req']:.2f} per req"
                           f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}",
                           flush=True)  # fmt: skip
@@ -282,12 +286,12 @@ def main() -> int:
     summary = {}
     for name, results in rounds.items():
         summary[name] = {key: statistics.median(r[key] for r in results)
-                         for key in ("rps", "p99_ms", "cpu_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
+                         for key in ("rps", "p99_ms", "cpu_us_per_req", "user_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
     base = summary["nginx"]
     print(f"\n{args.mode}: medians over {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s")
-    print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
+    print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'(user)':>7s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
     for name, s in summary.items():
-        print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} "
+        print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} {s['user_us_per_req']:7.1f} "
               f"{s['reads_per_req']:10.2f} {s['writes_per_req']:11.2f}  "
               f"{s['rps'] / base['rps']:.2f}x {s['p99_ms'] / base['p99_ms']:.2f}x "
               f"{s['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x")  # fmt: skip

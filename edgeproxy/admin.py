@@ -48,7 +48,9 @@ class AdminApp:
             "# HELP edgeproxy_responses_total Responses sent to clients, by status code.",
             "# TYPE edgeproxy_responses_total counter",
         ]
-        for status, count in sorted(dp.status_counts.items()):
+        for status, count in enumerate(dp.status_counts):
+            if not count:
+                continue
             lines.append(f'edgeproxy_responses_total{{code="{status}"}} {count}')
         now = dp.loop.time()
         lines += [

@@ -11,7 +11,6 @@ import asyncio
 import os
 import ssl
 import time
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from edgeproxy.config import Settings
@@ -28,6 +27,8 @@ HOST_CACHE_SIZE = 4096
 
 
 class Dataplane:
+    """One worker's shared state (compiled, an extension type: dataplane.pxd)."""
+
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.loop = loop
@@ -36,7 +37,9 @@ class Dataplane:
         self.registry = EndpointRegistry(loop.time, settings.outlier)
         self.connections: set[DownstreamProtocol] = set()
         self.date = DateHeader()
-        self.status_counts: Counter[int] = Counter()
+        # Responses by status code: a list, indexed by the code (llhttp allows 3 digits), because
+        # incrementing a Counter goes through its Python-level __setitem__ slot.
+        self.status_counts: list[int] = [0] * 1000
         self.upstream_connects = 0
         self.retries = 0
         self.draining = False
@@ -53,6 +56,7 @@ class Dataplane:
         self.tick = min(MAX_TICK, max(0.05, shortest / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_pool_sweep = self.now
+        self.balancer_types: dict[str, type] = {}  # name -> Balancer class (load_balancers)
 
     def publish(self, table: RouteTable) -> None:
         """Swap the table in; attach per-endpoint state and balancers first (Cluster.hosts)."""
@@ -80,8 +84,6 @@ class Dataplane:
     def retain_live(self) -> None:
         """Drop per-endpoint state no cluster of the live table refers to any more."""
         self.registry.retain(k for c in self.table.clusters() for k in c.keys)
-
-    balancer_types: dict[str, type] = {}
 
     def remember_host(self, raw: bytes, name: str) -> str:
         if len(self.host_names) >= HOST_CACHE_SIZE:

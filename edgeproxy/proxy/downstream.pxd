@@ -3,11 +3,13 @@
 # compiler the .py runs as it is. Methods not declared here stay Python-callable
 # (asyncio and httptools callbacks, and what other modules call).
 
+from edgeproxy.proxy.dataplane cimport Dataplane
 from edgeproxy.proxy.upstream cimport ResponseHead, UpstreamConnection
 
 
 cdef class DownstreamProtocol:
-    cdef public object dp, transport, parser, queued, route, endpoint
+    cdef public Dataplane dp
+    cdef public object transport, parser, queued, route, endpoint
     cdef public object host_header, upgrade, xff, xf_proto, conn_tokens, content_length
     cdef public bytes scheme, port, client_ip_bytes, tunnel_rest, url, method, up_head
     cdef public str client_ip, path
@@ -36,6 +38,15 @@ cdef class DownstreamProtocol:
     cdef _count(self)
     cdef _finish(self)
     cpdef flush_upstream(self)
+    # What the upstream connection calls (C calls when both are compiled).
+    cpdef response_informational(self, ResponseHead head)
+    cpdef bint response_head(self, UpstreamConnection conn, ResponseHead head, bint no_body)
+    cpdef response_complete(self, UpstreamConnection conn)
+    cpdef upstream_upgraded(self, bytes rest)
+    cpdef tunnel_to_client(self, bytes data)
+    cpdef upstream_broken(self, UpstreamConnection conn, str reason)
+    cpdef upstream_lost(self, UpstreamConnection conn, object exc)
+    cpdef upstream_paused(self, bint paused)
     cpdef flush_client(self)
     cpdef respond_local(self, Py_ssize_t status, bytes body, list extra=*)
     cpdef fail_client(self, Py_ssize_t status)

@@ -419,8 +419,7 @@ class DownstreamProtocol:
             self.url = url
         if self.host_header is None:  # HTTP/1.0 without Host; give the upstream one
             self.fwd += (b"Host: ", host or b"localhost", b"\r\n")
-        qmark = url.find(b"?")
-        raw_path = url if qmark < 0 else url[:qmark]
+        raw_path = url.partition(b"?")[0]  # partition takes one argument: cheaper than find
         try:
             self.path = path = raw_path.decode("ascii")
         except UnicodeDecodeError:

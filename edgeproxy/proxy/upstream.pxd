@@ -1,6 +1,9 @@
 # Cython declarations for upstream.py (pure-Python mode): when compiled, these classes are
 # extension types with C-typed fields; without a compiler the .py runs as it is.
 
+from edgeproxy.proxy.downstream cimport DownstreamProtocol
+
+
 cdef class ResponseHead:
     cdef public int status
     cdef public bytes head, upgrade
@@ -8,14 +11,15 @@ cdef class ResponseHead:
     cdef public bint chunked
 
 cdef class UpstreamConnection:
-    cdef public object endpoint, transport, parser, exchange
+    cdef public object endpoint, transport, parser
+    cdef public DownstreamProtocol exchange
     cdef public ResponseHead switching
     cdef public bytes raw
     cdef public bint in_head, received, reusable, closed, reused, tunnel, until_close, rechunk
     cdef public bint skip_body, done
     cdef public double idle_since
 
-    cpdef begin(self, object exchange, bint skip_body)
+    cpdef begin(self, DownstreamProtocol exchange, bint skip_body)
     cpdef write(self, bytes data)
     cpdef close(self)
     cpdef abort(self)
