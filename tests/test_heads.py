@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.proxy import upstream
-from edgeproxy.proxy.upstream import ResponseHead, scan_response_head_py
+from edgeproxy.proxy import headers, upstream
+from edgeproxy.proxy.headers import scan_response_head_py
+from edgeproxy.proxy.upstream import ResponseHead
 
 try:
     from edgeproxy.proxy._heads import scan_response_head as scan_c
@@ -100,3 +101,14 @@ def test_c_and_python_scans_agree() -> None:
         for combo in itertools.combinations(fields, 3):
             raw = b"\r\n".join((status_line, *combo)) + b"\r\n"
             assert scan_c(raw) == scan_response_head_py(raw), raw
+
+
+@pytest.mark.skipif(scan_c is None, reason="not compiled")
+def test_c_join_and_request_id_digits_match_python() -> None:
+    from edgeproxy.proxy._heads import hex16, join_bytes
+
+    for value in (0, 1, 255, 2**32 + 7, 2**64 - 1):
+        assert hex16(value) == headers.hex16_py(value)
+    parts = [b"GET", b" ", b"/a?b", b" HTTP/1.1\r\n", b"", b"X: " * 100]
+    assert join_bytes(parts) == headers.join_bytes_py(parts)
+    assert join_bytes([b"a", bytearray(b"b")]) == b"ab"  # not all bytes: the general join

@@ -1,7 +1,9 @@
 # cython: language_level=3
-"""C twin of upstream.scan_response_head_py: the response head scan in one pass over the
-bytes, with no Python object per line. Same contract, same results (tests/test_heads.py runs
-both); a head whose Connection field names other fields goes to the Python version (rare).
+"""C twins of the head helpers in headers.py (scan_response_head_py, join_bytes_py,
+hex16_py): same contracts, same results (tests/test_heads.py runs both).
+
+scan_response_head: the response head in one pass over the bytes, with no Python object per
+line; a head whose Connection field names other fields goes to the Python version (rare).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -58,7 +60,7 @@ cdef bint plain_connection(const unsigned char* p, Py_ssize_t n) noexcept nogil:
 
 
 cdef python_version(bytes raw):
-    from edgeproxy.proxy.upstream import scan_response_head_py
+    from edgeproxy.proxy.headers import scan_response_head_py
 
     return scan_response_head_py(raw)
 
@@ -131,3 +133,34 @@ def scan_response_head(bytes raw):
     if not has_server:
         head += SERVER_LINE
     return head, content_length, chunked, upgrade
+
+
+def join_bytes(list parts):
+    """b"".join(parts) for a list of bytes, without the buffer protocol per item (the
+    upstream request head is some 25 small pieces)."""
+    cdef Py_ssize_t total = 0, at = 0, size
+    cdef object part
+    for part in parts:
+        if type(part) is not bytes:
+            return b"".join(parts)
+        total += PyBytes_GET_SIZE(part)
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* dest = PyBytes_AS_STRING(out)
+    for part in parts:
+        size = PyBytes_GET_SIZE(part)
+        memcpy(dest + at, PyBytes_AS_STRING(part), size)
+        at += size
+    return out
+
+
+cdef const char* HEX = b"0123456789abcdef"
+
+
+def hex16(unsigned long long value):
+    """b"%016x" % value, without the format machinery."""
+    cdef char digits[16]
+    cdef int i
+    for i in range(15, -1, -1):
+        digits[i] = HEX[value & 15]
+        value >>= 4
+    return PyBytes_FromStringAndSize(digits, 16)

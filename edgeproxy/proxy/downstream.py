@@ -31,6 +31,8 @@ from edgeproxy.proxy.headers import (
     SPECIAL_FIELDS,
     connection_tokens,
     error_body,
+    hex16,
+    join_bytes,
     local_response,
 )
 from edgeproxy.proxy.upstream import ResponseHead, UpstreamConnection
@@ -463,7 +465,7 @@ class DownstreamProtocol:
                   b"\r\nX-Forwarded-Port: ", self.port, b"\r\n")  # fmt: skip
         if not self.has_request_id:
             dp.rid_counter += 1
-            parts += (b"X-Request-ID: ", dp.rid_prefix, b"%016x" % dp.rid_counter, b"\r\n")
+            parts += (b"X-Request-ID: ", dp.rid_prefix, hex16(dp.rid_counter), b"\r\n")
         if self.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif length or method in BODY_METHODS:
@@ -472,7 +474,7 @@ class DownstreamProtocol:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n\r\n")
         else:
             parts.append(b"\r\n")
-        self.up_head = b"".join(parts)
+        self.up_head = join_bytes(parts)
         if self.expect_continue and self.has_body and not self.http10:
             self.wbuf.append(b"HTTP/1.1 100 Continue\r\n\r\n")
         balancer = route.cluster.balancer

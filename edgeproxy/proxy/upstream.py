@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from edgeproxy.proxy.headers import scan_response_head
+
 if TYPE_CHECKING:
     from edgeproxy.health import EndpointState
     from edgeproxy.proxy.downstream import DownstreamProtocol
@@ -21,10 +23,6 @@ if TYPE_CHECKING:
 CLOSED_PHASE = 4  # DownstreamProtocol's CLOSED (kept in sync by a test)
 MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
 
-PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
-SERVER_LINE = b"Server: edgeproxy\r\n"
-WATCHED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"server", b"connection",
-                            b"keep-alive", b"upgrade"})  # fmt: skip
 
 
 class ResponseHead:
@@ -36,58 +34,6 @@ class ResponseHead:
         """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
         self.status = status
         self.head, self.content_length, self.chunked, self.upgrade = scan_response_head(raw)
-
-
-def scan_response_head_py(raw: bytes) -> tuple[bytes, bytes | None, bool, bytes]:
-    """-> (head for the client, Content-Length value or None, chunked, Upgrade value).
-
-    One pass over the lines. The hop-by-hop fields (RFC 9110 7.6.1) are dropped: Connection
-    and the fields it names, Keep-Alive, Proxy-*, Upgrade (a tunnel re-adds it). Framing
-    fields stay: the body passes through with its own framing. A field name is matched as
-    "name:" at the start of a line: RFC 9112 5.1 allows no whitespace before the colon (llhttp
-    rejects it), so this is exact. The status line becomes HTTP/1.1 (RFC 9110 6.2) and a
-    Server field is added when the upstream sent none. _heads.pyx is the same in C.
-    """
-    lines = raw.split(b"\r\n")
-    kept = [lines[0] if lines[0][5:8] == b"1.1" else b"HTTP/1.1" + lines[0][8:]]
-    content_length: bytes | None = None
-    chunked = False
-    upgrade = b""
-    named: frozenset[bytes] | None = None  # extra fields named by Connection
-    has_server = dropped = False
-    for line in lines[1:-1]:  # the last element is the b"" after the final CRLF
-        name = line[:18].lower().partition(b":")[0]
-        if name in WATCHED_FIELDS:
-            if name == b"content-length":
-                content_length = line[15:].strip()
-            elif name == b"transfer-encoding":
-                chunked = line[18:].strip().lower().endswith(b"chunked")  # the last coding
-            elif name == b"server":
-                has_server = True
-            else:  # hop-by-hop
-                if name == b"connection":
-                    tokens = frozenset(t.strip().lower() for t in line[11:].split(b","))
-                    if not tokens <= PLAIN_CONNECTION_TOKENS:
-                        named = tokens if named is None else named | tokens
-                elif name == b"upgrade":
-                    upgrade = line[8:].strip()
-                dropped = True
-                continue
-        elif name[:6] == b"proxy-" or (dropped and name[:1] in (b" ", b"\t")):
-            dropped = True  # Proxy-*, or an obs-fold line continuing a dropped field
-            continue
-        dropped = False
-        kept.append(line)
-    if named is not None:
-        kept = [line for line in kept if line.partition(b":")[0].strip().lower() not in named]
-    kept.append(b"" if has_server else SERVER_LINE)
-    return b"\r\n".join(kept), content_length, chunked, upgrade
-
-
-try:  # the C version, when setup.py could compile it
-    from edgeproxy.proxy._heads import scan_response_head
-except ImportError:
-    scan_response_head = scan_response_head_py
 
 
 class UpstreamConnection:
