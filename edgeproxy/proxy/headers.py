@@ -152,7 +152,9 @@ def hex16_py(value: int) -> bytes:
 
 # The C versions (_heads.pyx), when setup.py could compile them.
 try:
-    from edgeproxy.proxy._heads import hex16, join_bytes, scan_response_head
+    from edgeproxy.proxy._heads import hex16 as hex16
+    from edgeproxy.proxy._heads import join_bytes as join_bytes
+    from edgeproxy.proxy._heads import scan_response_head as scan_response_head
 except ImportError:
     scan_response_head = scan_response_head_py
     join_bytes = join_bytes_py
