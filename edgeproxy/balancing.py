@@ -159,18 +159,21 @@ class ConsistentHash:
         self.name = name.lower().encode("latin-1")
 
     def key_of(self, request: RequestView) -> bytes:
-        if self.source == "header":
+        source = self.source
+        if source == "client-ip":
+            return request.client_ip.encode()
+        if source == "header":
             value = request.header(self.name)
             if value is not None:
                 return value
-        elif self.source == "cookie":
+        elif source == "cookie":
             cookies = request.header(b"cookie")
             if cookies is not None:
                 for part in cookies.split(b";"):
                     k, _, v = part.strip().partition(b"=")
                     if k.lower() == self.name:
                         return v
-        elif self.source == "path":
+        elif source == "path":
             return request.path.encode("latin-1", "replace")
         return request.client_ip.encode()
 

@@ -159,11 +159,11 @@ class UpstreamConnection:
     def on_headers_complete(self) -> None:
         exchange = self.exchange
         assert exchange is not None
-        raw = self.raw
-        end = raw.find(b"\r\n\r\n")
+        # llhttp insists on CRLF line ends, so the head ends at the first CRLFCRLF.
+        # partition, not find: it takes one argument, without find's argument parsing.
+        fields, _, rest = self.raw.partition(b"\r\n\r\n")
         status = self.parser.get_status_code()
-        head = ResponseHead(status, raw[: end + 2])
-        rest = raw[end + 4 :]
+        head = ResponseHead(status, fields + b"\r\n")
         if status < 200:
             self.raw = rest  # the final head follows
             if status == 101:
