@@ -79,6 +79,22 @@ def test_obs_fold_of_a_dropped_field_goes_with_it_and_last_coding_decides(head: 
     assert not h.chunked  # the final coding is gzip: not chunked-framed (RFC 9112 6.3)
 
 
+def test_compiled_modules_are_not_older_than_their_sources() -> None:
+    """In a checkout the compiled module is imported before its .py: a stale build would be
+    tested instead of the code. Rebuild with `python setup.py build_ext --inplace`."""
+    from pathlib import Path
+
+    from edgeproxy.proxy import _heads, dataplane, downstream, upstream  # type: ignore[attr-defined]
+
+    for module in (_heads, dataplane, downstream, upstream):
+        built = Path(str(module.__file__))
+        if built.suffix != ".so":
+            continue
+        stem = built.name.split(".")[0]
+        for source in built.parent.glob(stem + ".p*"):  # .py, .pxd, .pyx
+            assert source.stat().st_mtime <= built.stat().st_mtime, f"{built.name} is older than {source.name}"
+
+
 def test_compiled_hot_path_is_what_ci_tests() -> None:
     """CI sets EDGEPROXY_EXPECT_COMPILED=1: there the suite must run the compiled modules."""
     from edgeproxy.proxy import compiled

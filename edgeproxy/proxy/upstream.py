@@ -1,10 +1,10 @@
 """Upstream side: one HTTP/1.1 connection to an endpoint, pooled per EndpointState.
 
 httptools (llhttp) validates the response and finds where it ends; the bytes themselves pass
-through. The head is rewritten once, in one pass over its lines (in C when compiled:
-_heads.pyx), and the body is forwarded as received (Content-Length and chunked framing are kept end to end), so a
-response costs no Python call per header or per body piece. Only a close-delimited body is
-re-framed (chunked) for the client.
+through. The head is rewritten once, in one pass over its lines (headers.scan_response_head,
+in C when compiled), and the body is forwarded as received (Content-Length and chunked
+framing are kept end to end), so a response costs no Python call per header or per body
+piece. Only a close-delimited body is re-framed (chunked) for the client.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 CLOSED_PHASE = 4  # DownstreamProtocol's CLOSED (kept in sync by a test)
 MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
-
 
 
 class ResponseHead:
