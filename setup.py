@@ -1,8 +1,8 @@
 """Build hook: compile the hot path with Cython when a C compiler is at hand:
-edgeproxy/proxy/{upstream,downstream,dataplane}.py (typed by their .pxd files) and _heads.pyx (the C
-twin of upstream.scan_response_head_py). Without a compiler, or with EDGEPROXY_PURE_PYTHON=1,
-the same modules install as plain Python and behave the same, slower. Everything else is in
-pyproject.toml.
+edgeproxy/proxy/{upstream,downstream,dataplane}.py and edgeproxy/health.py, typed by the .pxd
+files beside them, and edgeproxy/proxy/_heads.pyx, the C twins of headers.py's byte helpers.
+Without a compiler, or with EDGEPROXY_PURE_PYTHON=1, the same modules install as plain Python
+and behave the same, slower. Everything else is in pyproject.toml.
 """
 
 import os
@@ -16,6 +16,7 @@ HOT_PATH = [
     "edgeproxy/proxy/downstream.py",
     "edgeproxy/proxy/dataplane.py",
     "edgeproxy/proxy/_heads.pyx",
+    "edgeproxy/health.py",
 ]
 
 

@@ -84,9 +84,10 @@ def test_compiled_modules_are_not_older_than_their_sources() -> None:
     tested instead of the code. Rebuild with `python setup.py build_ext --inplace`."""
     from pathlib import Path
 
+    from edgeproxy import health
     from edgeproxy.proxy import _heads, dataplane, downstream, upstream  # type: ignore[attr-defined]
 
-    for module in (_heads, dataplane, downstream, upstream):
+    for module in (_heads, health, dataplane, downstream, upstream):
         built = Path(str(module.__file__))
         if built.suffix != ".so":
             continue

@@ -3,13 +3,15 @@
 # compiler the .py runs as it is. Methods not declared here stay Python-callable
 # (asyncio and httptools callbacks, and what other modules call).
 
+from edgeproxy.health cimport EndpointState
 from edgeproxy.proxy.dataplane cimport Dataplane
 from edgeproxy.proxy.upstream cimport ResponseHead, UpstreamConnection
 
 
 cdef class DownstreamProtocol:
     cdef public Dataplane dp
-    cdef public object transport, parser, queued, route, endpoint
+    cdef public object transport, parser, queued, route
+    cdef public EndpointState endpoint
     cdef public object host_header, upgrade, xff, xf_proto, conn_tokens, content_length
     cdef public bytes scheme, port, client_ip_bytes, tunnel_rest, url, method, up_head
     cdef public str client_ip, path
@@ -28,11 +30,11 @@ cdef class DownstreamProtocol:
     cdef _pause_reading(self, str reason, bint paused)
     cdef _queue(self, object method, tuple args)
     cdef _special_field(self, bytes lname, bytes value)
-    cdef _start_attempt(self, object exclude)
-    cdef _use_endpoint(self, object endpoint, object cluster)
+    cdef _start_attempt(self, EndpointState exclude)
+    cdef _use_endpoint(self, EndpointState endpoint, object cluster)
     cdef _attach(self, UpstreamConnection conn)
-    cdef _start_attempt_same(self, object endpoint)
-    cdef _upstream_failed(self, object endpoint, str reason, bint body_sent, bint timeout=*)
+    cdef _start_attempt_same(self, EndpointState endpoint)
+    cdef _upstream_failed(self, EndpointState endpoint, str reason, bint body_sent, bint timeout=*)
     cdef _release_endpoint(self)
     cdef _close_client(self)
     cdef _count(self)

@@ -1,6 +1,7 @@
 # Cython declarations for upstream.py (pure-Python mode): when compiled, these classes are
 # extension types with C-typed fields; without a compiler the .py runs as it is.
 
+from edgeproxy.health cimport EndpointState
 from edgeproxy.proxy.downstream cimport DownstreamProtocol
 
 
@@ -11,7 +12,8 @@ cdef class ResponseHead:
     cdef public bint chunked
 
 cdef class UpstreamConnection:
-    cdef public object endpoint, transport, parser
+    cdef public EndpointState endpoint
+    cdef public object transport, parser
     cdef public DownstreamProtocol exchange
     cdef public ResponseHead switching
     cdef public bytes raw
