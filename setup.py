@@ -21,19 +21,32 @@ HOT_PATH = [
 
 
 class OptionalBuildExt(build_ext):
-    """A failed compile leaves the pure-Python module in place instead of failing the install."""
+    """A failed compile leaves the pure-Python modules in place instead of failing the install.
+
+    All or nothing: the compiled modules know each other's C types (downstream.pxd cimports
+    upstream's and the other way round), so one compiled module beside a pure one would fail
+    at run time. If any of them fails to build, none is installed.
+    """
 
     def run(self) -> None:
+        self.failed: list[str] = []
         try:
             super().run()
         except Exception as exc:  # no compiler, no Python headers
-            print(f"edgeproxy: hot path not compiled ({exc}); using pure Python", file=sys.stderr)
+            self.failed.append(str(exc))
+        if self.failed:
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    os.remove(built)
+            print(f"edgeproxy: hot path not compiled ({self.failed[0]}); using pure Python",
+                  file=sys.stderr)
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
-            print(f"edgeproxy: {ext.name} not compiled ({exc}); using pure Python", file=sys.stderr)
+            self.failed.append(f"{ext.name}: {exc}")
 
 
 def extensions() -> list:
