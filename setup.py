@@ -1,7 +1,7 @@
 """Build hook: compile the hot path with Cython when a C compiler is at hand:
-edgeproxy/proxy/{upstream,downstream,dataplane}.py and edgeproxy/health.py, typed by the .pxd
-files beside them, and edgeproxy/proxy/_heads.pyx, the C twins of headers.py's byte helpers.
-Without a compiler, or with EDGEPROXY_PURE_PYTHON=1, the same modules install as plain Python
+edgeproxy/proxy/{upstream,downstream,dataplane}.py, edgeproxy/health.py and
+edgeproxy/balancing.py, typed by the .pxd files beside them, and edgeproxy/proxy/_heads.pyx,
+the C twins of headers.py's byte helpers. Without a compiler, or with EDGEPROXY_PURE_PYTHON=1, the same modules install as plain Python
 and behave the same, slower. Everything else is in pyproject.toml.
 """
 
@@ -17,6 +17,7 @@ HOT_PATH = [
     "edgeproxy/proxy/dataplane.py",
     "edgeproxy/proxy/_heads.pyx",
     "edgeproxy/health.py",
+    "edgeproxy/balancing.py",
 ]
 
 

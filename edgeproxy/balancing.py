@@ -96,8 +96,8 @@ class LeastConnections:
         if not n:
             return None
         if n > self.FULL_SCAN_MAX:
-            a = self.hosts[random.randrange(n)]
-            b = self.hosts[random.randrange(n)]
+            a = self.hosts[int(random.random() * n)]  # random() is C; randrange is Python
+            b = self.hosts[int(random.random() * n)]
             best = a if a.in_flight <= b.in_flight else b
             if accept is None or accept(best):
                 return best

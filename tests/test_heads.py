@@ -85,7 +85,7 @@ def test_compiled_modules_are_not_older_than_their_sources() -> None:
     import importlib
     from pathlib import Path
 
-    names = ["edgeproxy.health", "edgeproxy.proxy.dataplane", "edgeproxy.proxy.downstream",
+    names = ["edgeproxy.health", "edgeproxy.balancing", "edgeproxy.proxy.dataplane", "edgeproxy.proxy.downstream",
              "edgeproxy.proxy.upstream", "edgeproxy.proxy._heads"]  # fmt: skip
     for name in names:
         try:

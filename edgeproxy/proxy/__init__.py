@@ -16,9 +16,9 @@ def protocol_factory(factory: Callable[[], Any]) -> Callable[[], asyncio.BasePro
 
 def compiled() -> bool:
     """True when the hot path runs as Cython-compiled extension modules (see setup.py)."""
-    from edgeproxy import health
+    from edgeproxy import balancing, health
     from edgeproxy.proxy import dataplane, downstream, headers, upstream
 
-    modules = (health, dataplane, downstream, upstream)
+    modules = (balancing, health, dataplane, downstream, upstream)
     return (not any(str(m.__file__).endswith(".py") for m in modules)
             and headers.scan_response_head is not headers.scan_response_head_py)  # fmt: skip
