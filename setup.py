@@ -1,8 +1,9 @@
 """Build hook: compile the hot path with Cython when a C compiler is at hand:
 edgeproxy/proxy/{upstream,downstream,dataplane}.py, edgeproxy/health.py and
 edgeproxy/balancing.py, typed by the .pxd files beside them, and edgeproxy/proxy/_heads.pyx,
-the C twins of headers.py's byte helpers. Without a compiler, or with EDGEPROXY_PURE_PYTHON=1, the same modules install as plain Python
-and behave the same, slower. Everything else is in pyproject.toml.
+the C twins of headers.py's byte helpers. Without a compiler, or with EDGEPROXY_PURE_PYTHON=1,
+the same modules install as plain Python and behave the same, slower. Everything else is in
+pyproject.toml.
 """
 
 import os
