@@ -79,6 +79,14 @@ async def read_body(
         else:
             chunks.append(data)
 
+    async def take_exactly(remaining: int, inside: str) -> None:
+        while remaining:
+            data = await asyncio.wait_for(reader.read(min(remaining, 1 << 16)), IO_TIMEOUT)
+            if not data:
+                raise ConnectionError(f"stream ended inside {inside}")
+            take(data)
+            remaining -= len(data)
+
     te = (msg.header("transfer-encoding") or "").lower()
     if te.endswith("chunked"):
         while True:
@@ -88,22 +96,10 @@ async def read_body(
                 while (await asyncio.wait_for(reader.readline(), IO_TIMEOUT)) not in (b"\r\n", b""):
                     pass
                 break
-            remaining = size
-            while remaining:
-                data = await asyncio.wait_for(reader.read(min(remaining, 1 << 16)), IO_TIMEOUT)
-                if not data:
-                    raise ConnectionError("stream ended inside a chunk")
-                take(data)
-                remaining -= len(data)
+            await take_exactly(size, "a chunk")
             await asyncio.wait_for(reader.readexactly(2), IO_TIMEOUT)
     elif msg.header("content-length") is not None:
-        remaining = int(msg.header("content-length") or 0)
-        while remaining:
-            data = await asyncio.wait_for(reader.read(min(remaining, 1 << 16)), IO_TIMEOUT)
-            if not data:
-                raise ConnectionError("stream ended inside a body")
-            take(data)
-            remaining -= len(data)
+        await take_exactly(int(msg.header("content-length") or 0), "a body")
     elif not request:
         while True:
             data = await asyncio.wait_for(reader.read(1 << 16), IO_TIMEOUT)

@@ -10,7 +10,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
-cdef bytes SERVER_LINE = b"Server: edgeproxy\r\n"
+from edgeproxy.config import SERVER_NAME
+
+cdef bytes SERVER_LINE = b"Server: %s\r\n" % SERVER_NAME.encode()
 
 
 cdef inline unsigned char lower(unsigned char c) noexcept nogil:

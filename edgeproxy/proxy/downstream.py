@@ -554,20 +554,7 @@ class DownstreamProtocol:
             conn = idle.pop()
             if not conn.closed:
                 conn.reused = True
-                if self.pending:
-                    self._attach(conn)
-                    return
-                # _attach (with UpstreamConnection.begin) for a request whose body, if any,
-                # has not arrived yet: inlined, this is the path of most requests.
-                self.upstream = conn
-                conn.exchange = self
-                conn.received = False
-                conn.in_head = True
-                conn.done = False
-                conn.skip_body = self.method == b"HEAD"
-                self.phase = WAITING_UPSTREAM
-                self.up_ready = True
-                self.up_wbuf.append(self.up_head)
+                self._attach(conn)  # a C call when compiled: no inlined copy needed
                 return
         dp = self.dp
         self.phase = WAITING_UPSTREAM

@@ -29,7 +29,7 @@ REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length"}
 # Fields the client side reads as they arrive (the rest only pass through).
 SPECIAL_FIELDS = REQUEST_DROP | {b"host", b"x-request-id"}
 PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
-SERVER_LINE = b"Server: edgeproxy\r\n"
+SERVER_LINE = b"Server: %s\r\n" % SERVER_NAME.encode()
 PLAIN_CONNECTION_TOKENS_OR_EMPTY = PLAIN_CONNECTION_TOKENS | {b""}
 # Response fields the head scan acts on; the rest pass through (plus Proxy-*, dropped).
 WATCHED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"server", b"connection",
