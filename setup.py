@@ -13,12 +13,16 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HOT_PATH = [
-    "edgeproxy/proxy/upstream.py",
-    "edgeproxy/proxy/downstream.py",
-    "edgeproxy/proxy/dataplane.py",
-    "edgeproxy/proxy/_heads.pyx",
-    "edgeproxy/health.py",
+    "edgeproxy/hosts.py",
     "edgeproxy/balancing.py",
+    "edgeproxy/proxy/flow.py",
+    "edgeproxy/proxy/message.py",
+    "edgeproxy/proxy/http1_client.py",
+    "edgeproxy/proxy/binding.py",
+    "edgeproxy/proxy/dataplane.py",
+    "edgeproxy/proxy/exchange.py",
+    "edgeproxy/proxy/http1_server.py",
+    "edgeproxy/proxy/_heads.pyx",
 ]
 
 

@@ -25,13 +25,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgeproxy.proxy.downstream import DownstreamProtocol
+from edgeproxy.proxy.upstream import UpstreamConnection
+
 from edgeproxy.balancing import load_balancers
 from edgeproxy.compile import compile_routes
 from edgeproxy.config import Settings
 from edgeproxy.objects import ObjectStore
 from edgeproxy.proxy.dataplane import Dataplane
-from edgeproxy.proxy.downstream import DownstreamProtocol
-from edgeproxy.proxy.upstream import UpstreamConnection
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nUser-Agent: wrk\r\n\r\n"
 BROWSER_REQUEST = (

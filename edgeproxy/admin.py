@@ -59,7 +59,7 @@ class AdminApp:
             f"edgeproxy_downstream_connections {len(dp.connections)}",
             "# HELP edgeproxy_upstream_connects_total Upstream connections opened.",
             "# TYPE edgeproxy_upstream_connects_total counter",
-            f"edgeproxy_upstream_connects_total {dp.upstream_connects}",
+            f"edgeproxy_upstream_connects_total {dp.pool.connects}",
             "# HELP edgeproxy_retries_total Requests retried on another endpoint.",
             "# TYPE edgeproxy_retries_total counter",
             f"edgeproxy_retries_total {dp.retries}",
@@ -93,6 +93,8 @@ class AdminApp:
         routes = []
         for route in table.routes():
             cluster = route.cluster
+            binding = self.dp.bindings.get(cluster)
+            hosts = binding.hosts if binding is not None else ()
             routes.append(
                 {
                     "ingress": route.ingress,
@@ -102,7 +104,8 @@ class AdminApp:
                     "default_backend": route is table.default_route,
                     "backend": cluster.name,
                     "balancer": cluster.balancer_name,
-                    "endpoints": [h.describe(now) for h in cluster.hosts],
+                    "endpoints": [h.describe(now) | {"idle_connections":
+                                  self.dp.pool.idle_count(h.key)} for h in hosts],
                 }
             )
         result = self.pipeline.last

@@ -4,7 +4,7 @@
 
 cimport cython
 
-from edgeproxy.health cimport EndpointState
+from edgeproxy.hosts cimport EndpointState
 
 
 cdef class RoundRobin:

@@ -27,12 +27,9 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from edgeproxy.health import EndpointState
-
-if TYPE_CHECKING:
-    from edgeproxy.routing import Cluster, EndpointKey
+from edgeproxy.hosts import EndpointKey, EndpointState
 
 log = logging.getLogger("edgeproxy.balancing")
 
@@ -213,32 +210,47 @@ def load_balancers() -> dict[str, type[Any]]:
     return found
 
 
-def choose(
-    cluster: Cluster,
-    request: RequestView,
-    now: float,
-    ejected_anywhere: int,
-    panic_percent: float,
-    exclude: EndpointState | None = None,
-    ejection_epoch: int = -2,
-) -> EndpointState | None:
-    """Pick an endpoint of the cluster, honouring ejection, panic mode and an excluded host."""
-    balancer = cluster.balancer
-    if cluster.outlier is not None:
-        panic_percent = cluster.outlier.panic_threshold_percent
-    if balancer is None:
-        return None
-    if not ejected_anywhere and exclude is None:
-        return balancer.pick(request)
-    hosts = cluster.hosts
-    if cluster.healthy_epoch != ejection_epoch:  # recount only after an ejection or a return
-        cluster.healthy = sum(1 for h in hosts if h.ejected_until <= now)
-        cluster.healthy_epoch = ejection_epoch
-    if hosts and cluster.healthy * 100 < panic_percent * len(hosts):
-        # Panic mode (Envoy): too few healthy hosts; balance over all rather than fail.
-        def accept(h: EndpointState) -> bool:
-            return h is not exclude
-    else:
-        def accept(h: EndpointState) -> bool:
-            return h.ejected_until <= now and h is not exclude
-    return balancer.pick(request, accept)
+def build_balancer(factory: type[Any], hosts: tuple[EndpointState, ...], options: Mapping[str, Any],
+                   where: str) -> Any:  # fmt: skip
+    """The cluster's balancer; a plug-in that fails is confined to its cluster.
+
+    A constructor that raises gives round_robin for this cluster (one log line); a plug-in's
+    pick that raises is answered the same way at request time (GuardedBalancer). The table keeps
+    updating either way.
+    """
+    try:
+        balancer = factory(hosts, options)
+    except Exception as exc:
+        log.error("cluster %s: balancer %s failed (%s: %s); using round_robin",
+                  where, getattr(factory, "__name__", factory), type(exc).__name__, exc)  # fmt: skip
+        return RoundRobin(hosts, options)
+    if factory in BUILTIN_TYPES:
+        return balancer
+    return GuardedBalancer(balancer, hosts, options, where)
+
+
+class GuardedBalancer:
+    """A plug-in's pick, with round_robin standing in when it raises (logged once)."""
+
+    __slots__ = ("fallback", "inner", "reported", "where")
+
+    def __init__(self, inner: Any, hosts: tuple[EndpointState, ...], options: Mapping[str, Any],
+                 where: str) -> None:  # fmt: skip
+        self.inner = inner
+        self.fallback = RoundRobin(hosts, options)
+        self.where = where
+        self.reported = False
+
+    def pick(self, request: RequestView, accept: Accept | None = None) -> EndpointState | None:
+        try:
+            host: EndpointState | None = self.inner.pick(request, accept)
+            return host
+        except Exception as exc:
+            if not self.reported:
+                self.reported = True
+                log.error("cluster %s: balancer pick failed (%s: %s); using round_robin",
+                          self.where, type(exc).__name__, exc)  # fmt: skip
+            return self.fallback.pick(request, accept)
+
+
+BUILTIN_TYPES = frozenset(BUILTIN.values())

@@ -15,8 +15,9 @@ from types import MappingProxyType
 from typing import Any
 
 from edgeproxy.config import CONTROLLER_NAME, OutlierSettings
+from edgeproxy.hosts import EndpointKey
 from edgeproxy.objects import K8sObject, Snapshot
-from edgeproxy.routing import Cluster, EndpointKey, HostRoutes, Route, RouteTable
+from edgeproxy.routing import PLAIN, Cluster, HostRoutes, Route, RouteTable, TransportProfile
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -55,7 +56,8 @@ class CompileResult:
     def secrets(self) -> set[tuple[str, str]]:
         """Every Secret the served Ingresses need: certificates and backend CAs."""
         refs = {b.secret for b in self.tls}
-        refs.update(c.backend_ca for c in self.table.clusters() if c.backend_ca is not None)
+        refs.update(c.transport.ca_secret for c in self.table.clusters()
+                    if c.transport.ca_secret is not None)  # fmt: skip
         return refs
 
 
@@ -187,8 +189,9 @@ class _Resolver:
         backend_ca = (namespace, ca_name) if backend_tls and ca_name else None
         server_name = annotations.get(ANNOTATION_PREFIX + "backend-server-name") if backend_ca else None
         outlier = self.outlier_of(where, annotations)
+        transport = TransportProfile(backend_tls, backend_ca, server_name) if backend_tls else PLAIN
         memo = (namespace, svc_name, port_number, port_name, balancer,
-                tuple(sorted(options.items())), backend_tls, outlier, backend_ca, server_name)  # fmt: skip
+                tuple(sorted(options.items())), transport, outlier)  # fmt: skip
         cached = self.clusters.get(memo)
         if cached is not None:
             return cached
@@ -214,9 +217,8 @@ class _Resolver:
                 self.diagnostics.append(f"Ingress {where}: ExternalName {label} has no name/port")
                 return None
             keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
-            cluster = Cluster(label, keys, balancer, options, backend_tls, target.rstrip("."),
-                              outlier=outlier, backend_ca=backend_ca,
-                              backend_server_name=server_name)  # fmt: skip
+            cluster = Cluster(label, keys, balancer, options, transport, target.rstrip("."),
+                              outlier=outlier)  # fmt: skip
         else:
             if svc_port is None:
                 self.diagnostics.append(
@@ -225,9 +227,8 @@ class _Resolver:
                 )
                 return None
             keys = self.endpoints(namespace, svc_name, svc_port)
-            cluster = Cluster(label, keys, balancer, options, backend_tls, outlier=outlier,
-                              service=(namespace, svc_name), port_name=svc_port.get("name") or "",
-                              backend_ca=backend_ca, backend_server_name=server_name)  # fmt: skip
+            cluster = Cluster(label, keys, balancer, options, transport, outlier=outlier,
+                              service=(namespace, svc_name), port_name=svc_port.get("name") or "")  # fmt: skip
         self.clusters[memo] = cluster
         return cluster
 

@@ -2,7 +2,7 @@
 
 Like Envoy's host matching on EDS updates (BaseDynamicClusterImpl::updateDynamicHostList) and
 Pingora's Backends::do_update: an endpoint key that stays keeps its EndpointState (in-flight
-count, failure counters, ejection, idle pooled connections); state goes only with the endpoint.
+count, failure counters, ejection); state goes only with the endpoint.
 Ejection follows Envoy's outlier.rst: consecutive gateway failures eject for
 base_ejection_time x ejections (capped), never more than max_ejection_percent of a cluster.
 """
@@ -11,64 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
 
 from edgeproxy.config import OutlierSettings
-from edgeproxy.routing import EndpointKey
-
-if TYPE_CHECKING:
-    from edgeproxy.proxy.upstream import UpstreamConnection
-    from edgeproxy.routing import Cluster
+from edgeproxy.hosts import EndpointKey, EndpointState
 
 log = logging.getLogger("edgeproxy.health")
-
-
-class EndpointState:
-    __slots__ = (
-        "address",
-        "consecutive_failures",
-        "draining",
-        "ejected_until",
-        "ejections",
-        "failures",
-        "idle",
-        "in_flight",
-        "key",
-        "label",
-        "port",
-        "requests",
-    )  # fmt: skip
-
-    def __init__(self, key: EndpointKey) -> None:
-        self.key = key
-        self.address, self.port = key
-        self.label = f"[{key[0]}]:{key[1]}" if ":" in key[0] else f"{key[0]}:{key[1]}"
-        self.in_flight = 0
-        self.requests = 0
-        self.failures = 0
-        self.consecutive_failures = 0
-        self.ejections = 0
-        self.ejected_until = 0.0  # loop time; 0 = in rotation
-        self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection is reused first
-        self.draining = False  # no live table refers to it any more
-
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
-
-    def describe(self, now: float) -> dict[str, Any]:
-        return {
-            "endpoint": self.label,
-            "in_rotation": self.ejected_until <= now,
-            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
-            "ejections": self.ejections,
-            "in_flight": self.in_flight,
-            "requests": self.requests,
-            "failures": self.failures,
-            "idle_connections": len(self.idle),
-        }
 
 
 class EndpointRegistry:
@@ -89,17 +37,16 @@ class EndpointRegistry:
         return state
 
     def retain(self, live: Iterable[EndpointKey]) -> list[EndpointState]:
-        """Drop the endpoints no live table refers to; close their idle connections.
+        """Drop the endpoints no live table refers to.
 
         Requests in flight to a dropped endpoint finish on their own connection, which is then
-        closed instead of pooled (EndpointState.draining).
+        closed instead of pooled (EndpointState.draining; the pool drops its idle ones).
         """
         keep = set(live)
         gone = [s for k, s in self.states.items() if k not in keep]
         for state in gone:
             del self.states[state.key]
             state.draining = True
-            state.close_idle()
             if state.ejected_until > self.clock():
                 self.ejected_count -= 1
                 self.ejection_epoch += 1
@@ -110,12 +57,16 @@ class EndpointRegistry:
     def record_success(self, state: EndpointState) -> None:
         state.consecutive_failures = 0
 
-    def record_failure(self, state: EndpointState, cluster: Cluster) -> None:
-        """A gateway failure: connect refused, reset, timeout, or 502/503/504 from the upstream."""
+    def record_failure(self, state: EndpointState, peers: Sequence[EndpointState],
+                       outlier: OutlierSettings | None) -> None:  # fmt: skip
+        """A gateway failure: connect refused, reset, timeout, or 502/503/504 from the upstream.
+
+        `peers`: the endpoints of the cluster the request went to (the ejection cap's base);
+        `outlier`: that cluster's settings, if its Ingress overrides the global ones.
+        """
         state.failures += 1
         state.consecutive_failures += 1
-        settings = cluster.outlier or self.outlier
-        peers = cluster.hosts
+        settings = outlier or self.outlier
         if state.consecutive_failures < settings.consecutive_gateway_failures:
             return
         now = self.clock()

@@ -109,8 +109,9 @@ class RoutePipeline:
             for cluster in table.clusters_by_service.get(service, ()):
                 keys = resolve_endpoints(index.get(service, []), service[0], cluster.port_name,
                                          diagnostics)  # fmt: skip
-                if keys != cluster.keys:
-                    for dp in self.dataplanes:
+                for dp in self.dataplanes:
+                    binding = dp.bindings.get(cluster)
+                    if binding is not None and keys != binding.keys:
                         dp.refresh_endpoints(cluster, keys)
         for dp in self.dataplanes:
             dp.retain_live()

@@ -7,50 +7,47 @@ element of the request (longest first).
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from edgeproxy.config import OutlierSettings
-
-if TYPE_CHECKING:
-    from edgeproxy.balancing import Balancer
-    from edgeproxy.health import EndpointState
-
-EndpointKey = tuple[str, int]
-MISSING = object()  # (address, port): the identity per-endpoint state is keyed by
+from edgeproxy.hosts import EndpointKey
 
 
-@dataclass(slots=True, eq=False)
+class TransportProfile(NamedTuple):
+    """How a cluster connects to its endpoints. Pooled connections are keyed by endpoint and
+    profile (Envoy: cluster, host and transport socket): two clusters reaching one pod with
+    different TLS settings never share a connection. A tuple: hashed in C on every pool take."""
+
+    tls: bool = False
+    ca_secret: tuple[str, str] | None = None  # Secret with ca.crt that verifies the endpoints
+    server_name: str | None = None  # SNI and the name the certificate must carry
+
+
+PLAIN = TransportProfile()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Cluster:
-    """One Service port: the endpoints in rotation and how to pick among them.
+    """One Service port as compiled: its endpoints and how to reach and pick among them.
 
-    compile() fills the fields up to `external_name`; Dataplane.publish attaches `hosts` and
-    `balancer` from the per-endpoint registry before the table goes live. Routes and clusters
-    never change after that, except `keys`, `hosts` and `balancer`, which an EndpointSlice-only
-    change replaces in place (Dataplane.refresh_endpoints), as Envoy's EDS updates a cluster's
-    hosts without touching routes. The loop is single-threaded, so a request sees either the
-    old set or the new one.
+    Immutable once published, like the whole table. What is bound at run time (endpoint
+    states, the balancer, backend TLS contexts) lives in the data plane's ClusterBinding; an
+    EndpointSlice-only change rebinds the cluster with new keys (Envoy's EDS) and never
+    writes here. eq=False: compared and hashed by identity (the data plane's binding key).
     """
 
     name: str  # namespace/service:port
     keys: tuple[EndpointKey, ...]
     balancer_name: str = "round_robin"
     balancer_options: Mapping[str, Any] = field(default_factory=dict)
-    upstream_tls: bool = False
+    transport: TransportProfile = PLAIN
     external_name: str | None = None  # Service type ExternalName: resolve on connect
     outlier: OutlierSettings | None = None  # per-Ingress override of the global flags
-    hosts: tuple[EndpointState, ...] = ()
-    balancer: Balancer | None = None
-    healthy: int = 0  # hosts not ejected, as of the registry's ejection epoch healthy_epoch
-    healthy_epoch: int = -1
     service: tuple[str, str] | None = None  # (namespace, name) whose EndpointSlices feed keys
     port_name: str = ""
-    backend_ca: tuple[str, str] | None = None  # Secret with ca.crt: verify the backends
-    backend_server_name: str | None = None  # SNI and the name to verify, if given
-    upstream_ssl: ssl.SSLContext | None = None  # set after publish when backend_ca is given
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,16 +61,10 @@ class Route:
     hsts: bytes | None = None  # the whole Strict-Transport-Security line, for HTTPS responses
 
 
-PATH_MEMO_SIZE = 1024  # per host: recent paths -> route; cleared when full
-
-
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
     exact: Mapping[str, Route]
     prefix: Mapping[str, Route]  # keyed by path without trailing slash ("/" for the root)
-    # Memo of match(): the table stays immutable in meaning; a path's route never changes
-    # within one table, so remembering it is safe, and repeated paths skip the element walk.
-    memo: dict[str, Route | None] = field(default_factory=dict, compare=False)
 
     def match(self, path: str) -> Route | None:
         """Longest match; Exact beats Prefix at equal length (an Exact hit is always longest)."""
@@ -119,15 +110,9 @@ class RouteTable:
             if group is None:
                 group = self.any_host
         if group is not None:
-            memo = group.memo
-            route = memo.get(path, MISSING)
-            if route is MISSING:
-                route = group.match(path)
-                if len(memo) >= PATH_MEMO_SIZE:
-                    memo.clear()  # many distinct paths (IDs in URLs): start over, stay bounded
-                memo[path] = route
+            route = group.match(path)
             if route is not None:
-                return route  # type: ignore[return-value]
+                return route
         return self.default_route
 
     def clusters(self) -> list[Cluster]:

@@ -12,9 +12,11 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 
 from edgeproxy.config import Settings
+from edgeproxy.routing import TransportProfile
 
 log = logging.getLogger("edgeproxy")
 
@@ -54,7 +56,7 @@ async def serve(
     from edgeproxy.pipeline import RoutePipeline
     from edgeproxy.proxy import compiled, protocol_factory
     from edgeproxy.proxy.dataplane import Dataplane
-    from edgeproxy.proxy.downstream import DownstreamProtocol
+    from edgeproxy.proxy.http1_server import ClientConnection
     from edgeproxy.sources.manifests import ManifestSource
     from edgeproxy.tls import CertificateStore
 
@@ -69,15 +71,16 @@ async def serve(
     )  # fmt: skip
     certificates = CertificateStore(args.default_certificate)
     def certificates_for(result: CompileResult) -> None:
-        snapshot = store.snapshot()
-        certificates.update(snapshot, result.tls)
-        for cluster in result.table.clusters():
-            if cluster.backend_ca is not None:
-                cluster.upstream_ssl = certificates.backend_context(
-                    snapshot, *cluster.backend_ca, cluster.name, cluster.backend_server_name)
+        certificates.update(store.snapshot(), result.tls)
+
+    def backend_context(profile: TransportProfile, where: str) -> ssl.SSLContext:
+        assert profile.ca_secret is not None
+        return certificates.backend_context(store.snapshot(), *profile.ca_secret, where,
+                                            profile.server_name)  # fmt: skip
 
     pipeline.on_published.append(certificates_for)
     dp.upstream_ssl = certificates.upstream_context()
+    dp.backend_contexts = backend_context
 
     sources_ready: list[bool] = []
     listed_generation = [0]
@@ -129,7 +132,7 @@ async def serve(
     if args.http:
         host, port = args.http
         servers.append(await loop.create_server(
-            protocol_factory(lambda: DownstreamProtocol(dp, b"http", str(port).encode())), host, port,
+            protocol_factory(lambda: ClientConnection(dp, b"http", str(port).encode())), host, port,
             reuse_port=reuse_port, backlog=1024,
         ))  # fmt: skip
         log.info("HTTP listener on %s:%d (hot path: %s)", host, port,
@@ -137,7 +140,7 @@ async def serve(
     if args.https:
         host, port = args.https
         servers.append(await loop.create_server(
-            protocol_factory(lambda: DownstreamProtocol(dp, b"https", str(port).encode())), host, port,
+            protocol_factory(lambda: ClientConnection(dp, b"https", str(port).encode())), host, port,
             ssl=certificates.server_context(), reuse_port=reuse_port, backlog=1024,
         ))  # fmt: skip
         log.info("HTTPS listener on %s:%d", host, port)
@@ -176,7 +179,7 @@ async def serve(
         server.close()
     deadline = loop.time() + args.shutdown_grace
     while loop.time() < deadline:
-        busy = [c for c in dp.connections if c.active]
+        busy = [c for c in dp.connections if c.exchange is not None]
         if not busy:
             break
         await asyncio.sleep(SHUTDOWN_POLL_INTERVAL)

@@ -7,9 +7,11 @@ import json
 from collections import Counter
 from typing import Any
 
-from edgeproxy.balancing import ConsistentHash, LeastConnections, RoundRobin, choose
+from edgeproxy.balancing import BUILTIN, ConsistentHash, LeastConnections, RoundRobin
 from edgeproxy.config import OutlierSettings
-from edgeproxy.health import EndpointRegistry, EndpointState
+from edgeproxy.health import EndpointRegistry
+from edgeproxy.hosts import EndpointState
+from edgeproxy.proxy.binding import ClusterBinding
 from edgeproxy.routing import Cluster
 from tests import k8s
 from tests.backends import Pods
@@ -41,11 +43,9 @@ def hosts(n: int) -> list[EndpointState]:
     return [EndpointState((f"10.1.{i // 250}.{i % 250}", 8080)) for i in range(n)]
 
 
-def cluster_of(states: list[EndpointState], balancer: Any, outlier: OutlierSettings | None = None) -> Cluster:  # fmt: skip
+def cluster_of(states: list[EndpointState], outlier: OutlierSettings | None = None) -> ClusterBinding:  # fmt: skip
     c = Cluster("ns/svc:80", tuple(s.key for s in states), outlier=outlier)
-    c.hosts = tuple(states)
-    c.balancer = balancer
-    return c
+    return ClusterBinding(c, c.keys, tuple(states), dict(BUILTIN), None)
 
 
 # -- the algorithms, on their own -------------------------------------------------------
@@ -114,12 +114,12 @@ def test_ejection_time_grows_with_each_ejection_up_to_the_cap() -> None:
     clock = FakeClock()
     registry = EndpointRegistry(clock, OutlierSettings(max_ejection_percent=100))
     states = [registry.get(k.key) for k in hosts(2)]
-    cluster = cluster_of(states, RoundRobin(states, {}))
+    cluster = cluster_of(states)
     bad = states[0]
     durations = []
     for _ in range(12):
         for _ in range(5):
-            registry.record_failure(bad, cluster)
+            registry.record_failure(bad, cluster.hosts, cluster.outlier)
         durations.append(round(bad.ejected_until - clock.now))
         clock.now = bad.ejected_until + 0.001
         registry.refresh_ejections()
@@ -131,34 +131,34 @@ def test_ejection_time_grows_with_each_ejection_up_to_the_cap() -> None:
 def test_fewer_than_consecutive_failures_do_not_eject() -> None:
     registry = EndpointRegistry(FakeClock(), OutlierSettings(max_ejection_percent=100))
     states = [registry.get(k.key) for k in hosts(2)]
-    cluster = cluster_of(states, RoundRobin(states, {}))
+    cluster = cluster_of(states)
     for _ in range(4):
-        registry.record_failure(states[0], cluster)
+        registry.record_failure(states[0], cluster.hosts, cluster.outlier)
     registry.record_success(states[0])
     for _ in range(4):
-        registry.record_failure(states[0], cluster)
+        registry.record_failure(states[0], cluster.hosts, cluster.outlier)
     assert states[0].ejected_until == 0.0
 
 
 def test_ejection_is_capped_by_max_ejection_percent() -> None:
     registry = EndpointRegistry(FakeClock(), OutlierSettings())  # 10%
     states = [registry.get(k.key) for k in hosts(10)]
-    cluster = cluster_of(states, RoundRobin(states, {}))
+    cluster = cluster_of(states)
     for bad in states[:3]:
         for _ in range(5):
-            registry.record_failure(bad, cluster)
+            registry.record_failure(bad, cluster.hosts, cluster.outlier)
     assert sum(1 for s in states if s.ejected_until) == 1  # 10% of 10, at least one
 
 
 def test_panic_mode_balances_over_all_when_too_few_are_healthy() -> None:
     clock = FakeClock()
     states = hosts(3)
-    cluster = cluster_of(states, RoundRobin(states, {}))
+    cluster = cluster_of(states)
     states[0].ejected_until = states[1].ejected_until = clock.now + 30
-    picks = {choose(cluster, Req(), clock.now, 2, 50.0, None, 1).key for _ in range(30)}  # type: ignore[union-attr]
+    picks = {cluster.pick(Req(), clock.now, 2, 1, 50.0, None).key for _ in range(30)}  # type: ignore[union-attr]
     assert len(picks) == 3  # 1 of 3 healthy < 50%: everyone takes traffic
     states[1].ejected_until = 0.0
-    picks = {choose(cluster, Req(), clock.now, 1, 50.0, None, 2).key for _ in range(30)}  # type: ignore[union-attr]
+    picks = {cluster.pick(Req(), clock.now, 1, 2, 50.0, None).key for _ in range(30)}  # type: ignore[union-attr]
     assert picks == {states[1].key, states[2].key}
 
 

@@ -1,5 +1,5 @@
-"""The hot path: the client side (downstream), the upstream side, header rules, and what the
-connections of one worker share (dataplane)."""
+"""The hot path: the HTTP/1 codec of each side (http1_server, http1_client), the exchange
+between them, pools, flow control, header rules, and what one worker shares (dataplane)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,20 @@ def protocol_factory(factory: Callable[[], Any]) -> Callable[[], asyncio.BasePro
     return cast("Callable[[], asyncio.BaseProtocol]", factory)
 
 
+def compiled_modules() -> list[str]:
+    """The modules setup.py compiles (besides _heads.pyx)."""
+    return ["edgeproxy.hosts", "edgeproxy.balancing"] + [
+        f"edgeproxy.proxy.{name}" for name in (
+            "flow", "message", "http1_client", "binding", "dataplane", "exchange", "http1_server")
+    ]  # fmt: skip
+
+
 def compiled() -> bool:
     """True when the hot path runs as Cython-compiled extension modules (see setup.py)."""
-    from edgeproxy import balancing, health
-    from edgeproxy.proxy import dataplane, downstream, headers, upstream
+    import importlib
 
-    modules = (balancing, health, dataplane, downstream, upstream)
+    from edgeproxy.proxy import headers
+
+    modules = [importlib.import_module(name) for name in compiled_modules()]
     return (not any(str(m.__file__).endswith(".py") for m in modules)
             and headers.scan_response_head is not headers.scan_response_head_py)  # fmt: skip

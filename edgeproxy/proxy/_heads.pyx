@@ -111,6 +111,7 @@ def scan_response_head(bytes raw):
                 if starts(line, length, b"transfer-encoding:", 18):
                     value = stripped(line + 18, length - 18).lower()
                     chunked = value.endswith(b"chunked")
+                    drop = True  # re-framed per hop (RFC 9112 6.1): the exchange adds its own
             elif c == 107:  # k
                 drop = starts(line, length, b"keep-alive:", 11)
             elif c == 112:  # p

@@ -1,8 +1,11 @@
-"""What every connection of one worker shares: the live table, endpoint registry, coarse clock.
+"""What every connection of one worker shares: the live table and what is bound to it
+(ClusterBinding per cluster), the endpoint registry, the upstream pool and a coarse clock.
 
-Timeouts are deadlines checked by one periodic sweep rather than a timer per request, like
-nginx's cached time: the hot path only adds a number. The sweep's tick is a quarter of the
-shortest timeout (at least 50 ms, at most MAX_TICK), which bounds how late a timeout fires.
+Publishing builds the bindings for the new table beside the live ones and swaps both in one
+step; the table itself is never written to. Timeouts are deadlines checked by one periodic
+sweep rather than a timer per request, like nginx's cached time: the hot path only adds a
+number. The sweep's tick is a quarter of the shortest timeout (at least 50 ms, at most
+MAX_TICK), which bounds how late a timeout fires.
 """
 
 from __future__ import annotations
@@ -11,19 +14,25 @@ import asyncio
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from edgeproxy.config import Settings
 from edgeproxy.health import EndpointRegistry
-from edgeproxy.proxy.headers import DateHeader
-from edgeproxy.routing import EMPTY_TABLE, Cluster, EndpointKey, RouteTable
-
-if TYPE_CHECKING:
-    from edgeproxy.proxy.downstream import DownstreamProtocol
+from edgeproxy.hosts import EndpointKey
+from edgeproxy.proxy.binding import ClusterBinding
+from edgeproxy.proxy.local import DateHeader
+from edgeproxy.proxy.pool import UpstreamPool
+from edgeproxy.routing import EMPTY_TABLE, Cluster, Route, RouteTable, TransportProfile
 
 POOL_SWEEP_INTERVAL = 1.0
 MAX_TICK = 0.25  # bounds how late a deadline or an ejection's end is noticed
 HOST_CACHE_SIZE = 4096
+ROUTE_MEMO_SIZE = 1024  # per host: recent paths -> route; cleared when full and on publish
+MISSING = object()
+
+# (profile, cluster name) -> the context that verifies that profile's backends.
+BackendContexts = Callable[[TransportProfile, str], ssl.SSLContext]
 
 
 class Dataplane:
@@ -34,19 +43,22 @@ class Dataplane:
         self.loop = loop
         self.now = loop.time()
         self.table: RouteTable = EMPTY_TABLE
+        self.bindings: dict[Cluster, ClusterBinding] = {}
+        self.route_memo: dict[str, dict[str, Route | None]] = {}
         self.registry = EndpointRegistry(loop.time, settings.outlier)
-        self.connections: set[DownstreamProtocol] = set()
+        self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint)
+        self.connections: set[Any] = set()  # client connections, for the deadline sweep
         self.date = DateHeader()
         # Responses by status code: a list, indexed by the code (llhttp allows 3 digits), because
         # incrementing a Counter goes through its Python-level __setitem__ slot.
         self.status_counts: list[int] = [0] * 1000
-        self.upstream_connects = 0
         self.retries = 0
         self.draining = False
-        self.host_names: dict[bytes, str] = {}  # Host header -> normalised name, bounded
-        self.upstream_ssl: ssl.SSLContext | None = None  # for backend-protocol: HTTPS
-        # X-Request-ID: a per-process random prefix and a counter; unique without a syscall
-        # (the client side formats it: DownstreamProtocol._headers_complete).
+        self.host_names: dict[bytes, str] = {}  # authority -> normalised name, bounded
+        self.upstream_ssl: ssl.SSLContext | None = None  # backend-protocol: HTTPS, unverified
+        self.backend_contexts: BackendContexts | None = None  # with a backend CA (server.py)
+        self.balancer_types: dict[str, type] = {}  # name -> Balancer class (load_balancers)
+        # X-Request-ID: a per-process random prefix and a counter; unique without a syscall.
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_counter = 0
         shortest = min(
@@ -56,40 +68,80 @@ class Dataplane:
         self.tick = min(MAX_TICK, max(0.05, shortest / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._last_pool_sweep = self.now
-        self.balancer_types: dict[str, type] = {}  # name -> Balancer class (load_balancers)
+
+    # -- publishing ----------------------------------------------------------------------
 
     def publish(self, table: RouteTable) -> None:
-        """Swap the table in; attach per-endpoint state and balancers first (Cluster.hosts)."""
-        live: set[EndpointKey] = set()
-        for cluster in table.clusters():
-            self._bind(cluster, cluster.keys)
-            live.update(cluster.keys)
+        """Bind the new table's clusters, then swap table and bindings in together."""
+        contexts: dict[TransportProfile, ssl.SSLContext | None] = {}
+        bindings = {c: self._bind(c, c.keys, contexts) for c in table.clusters()}
         self.table = table
-        self.registry.retain(live)
-
-    def _bind(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
-        """Give the cluster these endpoints' states and a balancer over them."""
-        from edgeproxy.balancing import RoundRobin
-
-        hosts = tuple(self.registry.get(k) for k in keys)
-        factory = self.balancer_types.get(cluster.balancer_name, RoundRobin)
-        balancer = factory(hosts, cluster.balancer_options)
-        cluster.keys, cluster.hosts, cluster.balancer = keys, hosts, balancer
-        cluster.healthy_epoch = -1
+        self.bindings = bindings
+        self.route_memo = {}
+        self._retain()
 
     def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
         """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
-        self._bind(cluster, keys)
+        old = self.bindings.get(cluster)
+        if old is None:
+            return
+        self.bindings[cluster] = self._bind(cluster, keys, {cluster.transport: old.tls_context})
 
     def retain_live(self) -> None:
-        """Drop per-endpoint state no cluster of the live table refers to any more."""
-        self.registry.retain(k for c in self.table.clusters() for k in c.keys)
+        self._retain()
+
+    def _bind(self, cluster: Cluster, keys: tuple[EndpointKey, ...],
+              contexts: dict[TransportProfile, ssl.SSLContext | None]) -> ClusterBinding:  # fmt: skip
+        profile = cluster.transport
+        if profile not in contexts:
+            contexts[profile] = self._tls_context(profile, cluster.name)
+        hosts = tuple(self.registry.get(k) for k in keys)
+        return ClusterBinding(cluster, keys, hosts, self.balancer_types, contexts[profile])
+
+    def _tls_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext | None:
+        if not profile.tls:
+            return None
+        if profile.ca_secret is not None and self.backend_contexts is not None:
+            return self.backend_contexts(profile, where)
+        return self.upstream_ssl
+
+    def _retain(self) -> None:
+        """Drop per-endpoint state and idle connections no live binding refers to."""
+        live = {k for b in self.bindings.values() for k in b.keys}
+        self.registry.retain(live)
+        self.pool.retain(live)
+
+    # -- lookups for the hot path -----------------------------------------------------------
+
+    def route(self, host: str, path: str) -> Route | None:
+        """The table's lookup, memoized per host (a path's route never changes within one
+        table; the memo belongs to the data plane and is dropped with the table)."""
+        memo = self.route_memo.get(host)
+        if memo is None:
+            if len(self.route_memo) >= HOST_CACHE_SIZE:
+                self.route_memo.clear()
+            memo = self.route_memo[host] = {}
+        route = memo.get(path, MISSING)
+        if route is MISSING:
+            route = self.table.lookup(host, path)
+            if len(memo) >= ROUTE_MEMO_SIZE:
+                memo.clear()  # many distinct paths (IDs in URLs): start over, stay bounded
+            memo[path] = route
+        return route  # type: ignore[return-value]
 
     def remember_host(self, raw: bytes, name: str) -> str:
         if len(self.host_names) >= HOST_CACHE_SIZE:
             self.host_names.clear()  # a flood of distinct Host values must not grow memory
         self.host_names[raw] = name
         return name
+
+    def request_id(self) -> bytes:
+        from edgeproxy.proxy.headers import hex16
+
+        self.rid_counter += 1
+        return self.rid_prefix + hex16(self.rid_counter)
+
+    # -- the sweep ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self._sweeper = self.loop.call_later(self.tick, self._sweep)
@@ -105,12 +157,6 @@ class Dataplane:
             conn.deadline_passed()
         if now - self._last_pool_sweep >= POOL_SWEEP_INTERVAL:
             self._last_pool_sweep = now
-            expire = now - self.settings.upstream_idle_timeout
-            for state in self.registry.states.values():
-                if state.idle and state.idle[0].idle_since < expire:
-                    stale = [c for c in state.idle if c.idle_since < expire]
-                    state.idle = [c for c in state.idle if c.idle_since >= expire]
-                    for c in stale:
-                        c.close()
+            self.pool.expire(now - self.settings.upstream_idle_timeout)
         self.registry.refresh_ejections()
         self._sweeper = self.loop.call_later(self.tick, self._sweep)

@@ -1,4 +1,7 @@
-"""Header rewriting for the upstream request, and the responses edgeproxy makes itself.
+"""Which fields are hop-by-hop and which edgeproxy sets itself, and the response head rewrite.
+
+The one place for these rules: the request side (message.py, forward.py) and the response head
+scan below (and its C twin, _heads.pyx) use the sets defined here.
 
 RFC 9110 7.6.1: Connection and the fields it names are hop-by-hop, as are Keep-Alive, TE,
 Trailer, Transfer-Encoding (re-framed per hop, RFC 9112 6.1), Upgrade (unless tunnelling) and
@@ -6,10 +9,6 @@ the Proxy-* fields.
 """
 
 from __future__ import annotations
-
-import time
-from email.utils import formatdate
-from http import HTTPStatus
 
 from edgeproxy.config import SERVER_NAME
 
@@ -21,13 +20,15 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
     }
 )  # fmt: skip
-# Set by edgeproxy from what it saw; a client's own values are dropped unless it is trusted.
+# Set by edgeproxy from what it saw; a client's own values are dropped unless it is a trusted
+# proxy (--trusted-proxies), whose X-Forwarded-For is appended to and whose others are kept.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                       b"x-forwarded-port"})  # fmt: skip
-# Expect: edgeproxy answers 100-continue itself; Content-Length: re-added with the framing.
-REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length"}
+                       b"x-forwarded-port", b"x-real-ip", b"forwarded"})  # fmt: skip
+# Expect: edgeproxy answers 100-continue itself; Content-Length: re-added with the framing;
+# Host: written from the request's authority (RFC 9112 3.2.2), so never hop-by-hop.
+REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length", b"host"}
 # Fields the client side reads as they arrive (the rest only pass through).
-SPECIAL_FIELDS = REQUEST_DROP | {b"host", b"x-request-id"}
+SPECIAL_FIELDS = REQUEST_DROP | {b"x-request-id"}
 PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 SERVER_LINE = b"Server: %s\r\n" % SERVER_NAME.encode()
 PLAIN_CONNECTION_TOKENS_OR_EMPTY = PLAIN_CONNECTION_TOKENS | {b""}
@@ -40,68 +41,13 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Status"
-
-
-class DateHeader:
-    """RFC 9110 6.6.1 Date, formatted once per second rather than per response."""
-
-    __slots__ = ("second", "value")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.value = b""
-
-    def at(self, wall: float) -> bytes:
-        second = int(wall)
-        if second != self.second:
-            self.second = second
-            self.value = formatdate(second, usegmt=True).encode()
-        return self.value
-
-    def at_now(self) -> bytes:
-        return self.at(time.time())
-
-
-def local_response(
-    status: int,
-    body: bytes,
-    date: bytes,
-    *,
-    close: bool,
-    content_type: bytes = b"text/plain; charset=utf-8",
-    extra: list[Header] | None = None,
-    head_only: bool = False,
-) -> bytes:
-    """A response edgeproxy makes itself: Date, Server, Content-Type and Content-Length."""
-    parts = [
-        b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-        % (status, _reason(status), date, SERVER_NAME.encode(), content_type, len(body))
-    ]
-    for name, value in extra or ():
-        parts += (name, b": ", value, b"\r\n")
-    if close:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    if not head_only:
-        parts.append(body)
-    return b"".join(parts)
-
-
-def error_body(status: int) -> bytes:
-    return b"%d %s\n" % (status, _reason(status))
-
-
 def scan_response_head_py(raw: bytes) -> tuple[bytes, bytes | None, bool, bytes]:
     """-> (head for the client, Content-Length value or None, chunked, Upgrade value).
 
     One pass over the lines. The hop-by-hop fields (RFC 9110 7.6.1) are dropped: Connection
-    and the fields it names, Keep-Alive, Proxy-*, Upgrade (a tunnel re-adds it). Framing
-    fields stay: the body passes through with its own framing. A field name is matched as
+    and the fields it names, Keep-Alive, Proxy-*, Upgrade (a tunnel re-adds it), and
+    Transfer-Encoding: the body is re-framed from what the parser delimited, and the exchange
+    writes the framing it chose (proxy/message.py). Content-Length stays. A field name is matched as
     "name:" at the start of a line: RFC 9112 5.1 allows no whitespace before the colon (llhttp
     rejects it), so this is exact. The status line becomes HTTP/1.1 (RFC 9110 6.2) and a
     Server field is added when the upstream sent none. _heads.pyx is the same in C.
@@ -120,6 +66,8 @@ def scan_response_head_py(raw: bytes) -> tuple[bytes, bytes | None, bool, bytes]
                 content_length = line[15:].strip()
             elif name == b"transfer-encoding":
                 chunked = line[18:].strip().lower().endswith(b"chunked")  # the last coding
+                dropped = True  # re-framed per hop (RFC 9112 6.1): the exchange adds its own
+                continue
             elif name == b"server":
                 has_server = True
             else:  # hop-by-hop

@@ -1,0 +1,60 @@
+"""The upstream request head, serialized from the parsed request; pure.
+
+Origin-form target (normalized path), end-to-end fields only (RFC 9110 7.6.1: Connection, the
+fields it names and the rest of headers.HOP_BY_HOP are dropped), Host from the request's
+authority (RFC 9112 3.2.2), X-Forwarded-* and X-Real-IP from what edgeproxy saw, and framing
+from what the codec parsed: the upstream never sees the client's own framing lines.
+"""
+
+from __future__ import annotations
+
+from edgeproxy.proxy.headers import PLAIN_CONNECTION_TOKENS, REQUEST_DROP, join_bytes
+from edgeproxy.proxy.message import BODY_METHODS, RequestHead
+
+
+def upstream_request_head(req: RequestHead, peer_ip: bytes, real_ip: bytes, trusted: bool,
+                          scheme: bytes, port: bytes, request_id: bytes | None) -> bytes:  # fmt: skip
+    """`peer_ip`: the socket's peer; `real_ip`: the client as edgeproxy believes it (client_ip);
+    `request_id`: the X-Request-ID to add when the client sent none."""
+    method = req.method
+    authority = req.authority
+    # Always HTTP/1.1 upstream (pooled keep-alive); an HTTP/1.0 client gets its response
+    # re-framed (message.response_framing), as nginx's proxy_http_version 1.1 does.
+    parts = [method, b" ", req.origin_target(), b" HTTP/1.1\r\nHost: ", authority or b"localhost",
+             b"\r\n"]  # fmt: skip
+    named = req.conn_tokens
+    if named and not named <= PLAIN_CONNECTION_TOKENS:
+        # Fields the client named in Connection are hop-by-hop too (RFC 9110 7.6.1); Host is
+        # never among them (it is written above, not passed through).
+        for name, value in req.fields:
+            lname = name.lower()
+            if lname not in REQUEST_DROP and lname not in named and lname[:6] != b"proxy-":
+                parts += (name, b": ", value, b"\r\n")
+            elif lname == b"x-request-id":
+                parts += (name, b": ", value, b"\r\n")
+    else:
+        parts += req.fwd
+    forwarded_for = peer_ip
+    proto = scheme
+    if trusted:  # --trusted-proxies: their forwarding fields are kept and appended to
+        if req.xff is not None:
+            forwarded_for = req.xff + b", " + peer_ip
+        if req.xf_proto is not None:
+            proto = req.xf_proto
+        if req.forwarded is not None:
+            parts += [line for line in req.forwarded if not line.startswith(b"X-Real-IP")]
+    if authority:
+        parts += (b"X-Forwarded-Host: ", authority, b"\r\n")
+    parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
+              b"\r\nX-Forwarded-Port: ", port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
+    if request_id is not None:
+        parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    if req.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    elif req.content_length > 0 or method in BODY_METHODS:
+        parts.append(b"Content-Length: %d\r\n\r\n" % max(req.content_length, 0))
+    elif req.websocket:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade or b"", b"\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return join_bytes(parts)

@@ -1,0 +1,216 @@
+"""Upstream side of the HTTP/1 codec: one connection to an endpoint, and the response on it.
+
+httptools (llhttp) validates each response and delimits it; only what it delimits reaches the
+exchange: the head (rewritten in one pass, headers.scan_response_head) and the body pieces
+(on_body, without the upstream's chunk framing; the exchange re-frames them for the client).
+Bytes past the end of the framed response are the upstream's error, not the client's next
+response: they make the connection unusable, and it is closed instead of pooled (nginx reads
+exactly the framed length too).
+
+The connection reports to its `receiver` (the exchange using it, or None while pooled):
+response_informational(head), response_head(head), response_body(data), response_end(),
+response_flush(), upstream_lost(exc), upstream_upgraded(rest), tunnel_data(data),
+tunnel_eof(), upstream_write_paused(paused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
+
+from edgeproxy.hosts import EndpointState
+from edgeproxy.proxy.flow import FlowControl
+from edgeproxy.proxy.headers import scan_response_head
+
+MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
+
+
+class ResponseHead:
+    """The parts of a raw response head the exchange needs (see scan_response_head)."""
+
+    __slots__ = ("chunked", "content_length", "head", "status", "upgrade")
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        """`raw`: status line and fields, each line ending in CRLF, without the empty line."""
+        self.status = status
+        self.head, self.content_length, self.chunked, self.upgrade = scan_response_head(raw)
+
+
+class SurplusResponse(Exception):
+    """The upstream sent bytes past the end of the framed response."""
+
+
+class UpstreamConnection:
+    """asyncio protocol of one connection to an endpoint (compiled: an extension type)."""
+
+    __slots__ = (
+        "closed", "done", "endpoint", "eof", "flow", "idle_since", "in_head", "parser",
+        "pool_key", "raw", "receiver", "received", "reusable", "reused", "skip_body",
+        "switching", "transport", "tunnel",
+    )  # fmt: skip
+
+    def __init__(self, endpoint: EndpointState, pool_key: tuple[Any, Any]) -> None:
+        self.endpoint = endpoint
+        self.pool_key = pool_key  # (EndpointKey, TransportProfile): where it may be pooled
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl = FlowControl(None)
+        self.parser = HttpResponseParser(self)
+        self.receiver: Any = None
+        self.raw = b""  # bytes of the current head not yet consumed
+        self.in_head = True
+        self.received = False  # any byte of the current response
+        self.reusable = True
+        self.idle_since = 0.0
+        self.closed = False
+        self.reused = False
+        self.tunnel = False
+        self.skip_body = False  # response to HEAD: llhttp cannot be told, so we end it ourselves
+        self.done = False
+        self.eof = False
+        self.switching: ResponseHead | None = None  # the 101 head, until the tunnel opens
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)
+
+    def eof_received(self) -> bool:
+        if self.tunnel and self.receiver is not None:
+            self.eof = True
+            self.receiver.tunnel_eof()
+            return True  # half-closed: the client may still send
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        receiver = self.receiver
+        if receiver is None or self.done:
+            # Bytes on an idle connection, or after the response: the server broke framing.
+            self.reusable = False
+            self.close()
+            return
+        if self.tunnel:
+            receiver.tunnel_data(data)
+            return
+        self.received = True
+        if self.in_head:
+            raw = self.raw = self.raw + data if self.raw else data
+            if len(raw) > MAX_RESPONSE_HEAD and raw.find(b"\r\n\r\n") < 0:
+                self._broken("response head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self.tunnel = True
+            rest, self.raw = self.raw, b""
+            receiver.upstream_upgraded(rest)
+            return
+        except HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, SurplusResponse):
+                raise
+            self.reusable = False  # the response before it is complete and delivered
+        except HttpParserError as exc:
+            self._broken(f"invalid response: {exc}")
+            return
+        if self.done:
+            self.receiver = None
+            receiver.response_end(self)
+        else:
+            receiver.response_flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        receiver = self.receiver
+        if receiver is not None:
+            self.receiver = None
+            receiver.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.upstream_write_paused(False)
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise SurplusResponse()  # a second response in the same read: stop parsing
+
+    def on_headers_complete(self) -> None:
+        receiver = self.receiver
+        # llhttp insists on CRLF line ends, so the head ends at the first CRLFCRLF.
+        fields, _, rest = self.raw.partition(b"\r\n\r\n")
+        status = self.parser.get_status_code()
+        head = ResponseHead(status, fields + b"\r\n")
+        if status < 200:
+            self.raw = rest  # the final head follows
+            if status == 101:
+                self.switching = head
+            else:
+                receiver.response_informational(head)
+            return
+        self.raw = b""
+        self.in_head = False
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        receiver.response_head(head)
+        if self.skip_body:
+            # llhttp would wait for Content-Length bytes that a HEAD response never carries:
+            # the response ends here, and the next one needs a fresh parser.
+            if rest:
+                self.reusable = False
+            self.parser = HttpResponseParser(self)
+            self.done = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done:
+            self.receiver.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.in_head:
+            self.done = True
+
+    def _broken(self, reason: str) -> None:
+        self.reusable = False
+        receiver = self.receiver
+        self.abort()
+        if receiver is not None:
+            receiver.upstream_lost(self, ConnectionError(reason))
+
+    # -- used by the exchange and the pool --------------------------------------------
+
+    def begin(self, receiver: Any, skip_body: bool) -> None:
+        self.receiver = receiver
+        self.received = False
+        self.in_head = True
+        self.done = False
+        self.skip_body = skip_body
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def close(self) -> None:
+        self.receiver = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.receiver = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()

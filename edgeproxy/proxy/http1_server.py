@@ -1,0 +1,406 @@
+"""Client side of the HTTP/1 codec: one connection from a client (RFC 9112).
+
+States of the connection, and what moves it on:
+
+    IDLE --first byte--> HEAD --headers complete--> exchange in progress --its end--> IDLE
+                                        \\--> pipelined requests wait in `queued` (reading paused)
+    any --malformed or over a limit--> answer 4xx/5xx, CLOSED (RFC 9112 11.2: the framing is lost)
+    exchange --101 from the upstream--> TUNNEL (tunnel.py)
+
+- Limits are counted on bytes fed, not on callbacks completed: a header line without CRLF is
+  still bytes (`head_fed`, at most max_header_bytes plus one read).
+- Pipelining (RFC 9112 9.3): requests after the one in flight are parsed from the same read and
+  queued; reading pauses until the queue is empty, and a queued request starts only when the
+  response before it is complete and the client reads (flow.CLIENT_FULL), so a client that
+  does not read costs at most one read of requests and one socket buffer of answers.
+- Half-close (RFC 9112 9.6): a FIN after a complete request keeps the connection open for the
+  response; the connection closes once the responses are written.
+- Upgrade: only WebSocket is tunnelled (message.RequestHead.websocket); llhttp stops at any
+  upgrade request, so for the others parsing goes on with a fresh parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Any
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from edgeproxy.proxy import flow
+from edgeproxy.proxy.dataplane import Dataplane
+from edgeproxy.proxy.exchange import Exchange
+from edgeproxy.proxy.flow import FlowControl
+from edgeproxy.proxy.local import error_response
+from edgeproxy.proxy.message import ClientProtocolError, RequestHead
+
+HEAD_EVENT, BODY_EVENT, END_EVENT, ERROR_EVENT = range(4)
+MAX_UPGRADE_REST = 64 * 1024  # bytes sent after an upgrade request before the 101 arrives
+
+
+class ClientConnection:
+    """asyncio protocol of one client connection (compiled: an extension type; asyncio and
+    uvloop only call its methods)."""
+
+    __slots__ = (
+        "body_received", "client_ip", "client_ip_bytes", "closed", "deadline", "dp", "eof", "exchange", "flow",
+        "head_fed", "in_head", "parser", "parsing", "parsing_queued", "peer_ip", "port",
+        "queued", "replaying", "scheme", "transport", "trusted_peer", "tunnel", "upgrade_rest",
+        "write_paused",
+    )  # fmt: skip
+
+    def __init__(self, dp: Dataplane, scheme: bytes, port: bytes) -> None:
+        self.dp = dp
+        self.scheme = scheme
+        self.port = port
+        self.transport: Any = None
+        self.flow = FlowControl(None)
+        self.parser = HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_bytes = b""
+        self.peer_ip = b""
+        self.trusted_peer = False
+        self.deadline = 0.0
+        self.exchange: Exchange | None = None
+        self.parsing: RequestHead | None = None
+        self.parsing_queued = False  # the request being parsed waits behind another
+        self.queued: list[tuple[int, Any]] | None = None
+        self.replaying = False
+        self.in_head = False
+        self.head_fed = 0
+        self.body_received = 0
+        self.closed = False
+        self.eof = False
+        self.write_paused = False
+        self.tunnel: Any = None
+        self.upgrade_rest: bytes | None = None  # bytes after a WebSocket request, before its 101
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.client_ip_bytes = self.peer_ip = self.client_ip.encode()
+        proxies = self.dp.settings.trusted_proxies
+        if proxies:
+            ip = ipaddress.ip_address(self.client_ip)
+            self.trusted_peer = any(ip in net for net in proxies)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.dp.connections.add(self)
+        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.upgrade_rest is not None:
+            self._hold_for_upgrade(data)
+            return
+        if self.in_head:
+            self.head_fed += len(data)
+        elif self.exchange is None and self.queued is None:
+            self.deadline = self.dp.now + self.dp.settings.client_header_timeout
+        self._feed(data)
+        if self.closed:
+            return
+        if self.in_head and self.head_fed > self.dp.settings.max_header_bytes:
+            self._fail(431)
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.flush_upstream()
+            exchange.flush_client()
+
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        for _ in range(64):  # each turn starts after an upgrade request; bounded by the read
+            try:
+                parser.feed_data(data)
+                return
+            except HttpParserUpgrade as upgrade:
+                rest = data[upgrade.args[0]:]
+                exchange = self.exchange
+                if not self.parsing_queued and exchange is not None and exchange.upgrading:
+                    self._hold_for_upgrade(rest)  # a WebSocket request: the tunnel takes them
+                    return
+                # Any other upgrade token is not ours to honour: parse on, as plain HTTP.
+                parser = self.parser = HttpRequestParser(self)
+                data = rest
+            except HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if not isinstance(cause, ClientProtocolError):
+                    raise
+                self._protocol_error(cause.status)
+                return
+            except HttpParserError:
+                self._protocol_error(400)
+                return
+
+    def _hold_for_upgrade(self, data: bytes) -> None:
+        rest = (self.upgrade_rest or b"") + data
+        self.upgrade_rest = rest
+        self.flow.pause(flow.UPGRADING)  # released by the tunnel, or by the exchange's end
+        if len(rest) > MAX_UPGRADE_REST:
+            self._fail(400)
+
+    def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            self.tunnel.client_eof()
+            return True
+        if self.exchange is not None or self.queued is not None:
+            # Half-closed after a request: answer it, then close (RFC 9112 9.6).
+            self.eof = True
+            if self.in_head or (self.exchange is not None and not self.exchange.req_done
+                                and not self.parsing_queued):  # fmt: skip
+                self._drop_incomplete()
+            return True
+        return False
+
+    def _drop_incomplete(self) -> None:
+        """EOF in the middle of a request: it can never complete."""
+        exchange = self.exchange
+        if exchange is not None and not exchange.req_done and not exchange.resp_started:
+            self._fail(400)
+        elif exchange is not None and not exchange.req_done:
+            exchange.client_lost()
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.dp.connections.discard(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.client_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client_write_paused(True)
+        if exchange is None or exchange.req_done:
+            self.flow.pause(flow.CLIENT_FULL)  # read no further requests for now
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client_write_paused(False)
+        self.flow.resume(flow.CLIENT_FULL)
+        if exchange is None and self.queued is not None:
+            self._replay()
+
+    # -- httptools callbacks: the request --------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = RequestHead()
+        self.parsing_queued = self.exchange is not None or self.queued is not None
+        self.in_head = True
+        self.head_fed = 0
+
+    def on_url(self, url: bytes) -> None:
+        head = self.parsing
+        head.target += url
+        head.size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.parsing.add_field(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        head = self.parsing
+        settings = self.dp.settings
+        if head.size > settings.max_header_bytes:
+            raise ClientProtocolError(431, "header section too large")
+        parser = self.parser
+        head.method = parser.get_method()
+        if head.method == b"CONNECT":
+            raise ClientProtocolError(405, "CONNECT is not proxied (edgeproxy is no open proxy)")
+        head.complete(parser.get_http_version(), parser.should_keep_alive(),
+                      settings.max_body_bytes)  # fmt: skip
+        if self.parsing_queued:
+            self._queue(HEAD_EVENT, head)
+        else:
+            self._start(head)
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing_queued:
+            self._queue(BODY_EVENT, body)
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            self._check_body(exchange, len(body))
+            exchange.request_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.parsing_queued:
+            self._queue(END_EVENT, None)
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.request_end()
+
+    def _check_body(self, exchange: Exchange, size: int) -> None:
+        limit = self.dp.settings.max_body_bytes
+        self.body_received += size
+        if limit and self.body_received > limit:
+            raise ClientProtocolError(413, "request body over the limit")
+
+    # -- exchanges -------------------------------------------------------------------------
+
+    def _start(self, head: RequestHead) -> None:
+        self.body_received = 0
+        exchange = self.exchange = Exchange(self, self.dp, head)
+        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        exchange.start()
+
+    def _queue(self, kind: int, payload: Any) -> None:
+        if self.queued is None:
+            self.queued = []
+            self.flow.pause(flow.PIPELINED)
+        self.queued.append((kind, payload))
+
+    def _protocol_error(self, status: int) -> None:
+        exchange = self.exchange
+        current = exchange is not None and not exchange.req_done and not self.parsing_queued
+        if not current and (exchange is not None or self.queued is not None):
+            # Requests before the bad one are answered first (as nginx does), then the error.
+            self._queue(ERROR_EVENT, status)
+            self.parsing_queued = True
+            self.in_head = False
+            self.parser = HttpRequestParser(self)  # nothing more is read from this one
+            self.flow.pause(flow.PIPELINED)
+            self.eof = True
+        else:
+            self._fail(status)
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The exchange ended (its response is written, or it was cut)."""
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        if self.upgrade_rest is not None and self.tunnel is None:
+            keep_alive = False  # bytes after an upgrade request that did not upgrade
+        if not keep_alive or self.closed:
+            self.close()
+            return
+        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+        if self.queued is not None:
+            if not self.replaying:
+                self._replay()
+        elif self.eof:
+            self.close()
+        elif self.write_paused:
+            self.flow.pause(flow.CLIENT_FULL)
+
+    def _replay(self) -> None:
+        """Start the queued requests in order, one at a time (a loop, not recursion: local
+        answers finish at once)."""
+        self.replaying = True
+        try:
+            while self.queued is not None and self.exchange is None and not self.closed:
+                if self.write_paused:
+                    return  # resume_writing goes on
+                queued = self.queued
+                kind, payload = queued.pop(0)
+                if not queued:
+                    self.queued = None
+                if kind == HEAD_EVENT:
+                    self._start(payload)
+                elif kind == ERROR_EVENT:
+                    self._fail(payload)
+                    return
+                # Body and end events of the request just started follow it.
+                while self.queued is not None and self.exchange is not None:
+                    kind, payload = self.queued[0]
+                    if kind == HEAD_EVENT or kind == ERROR_EVENT:
+                        break
+                    self.queued.pop(0)
+                    if not self.queued:
+                        self.queued = None
+                    if kind == BODY_EVENT:
+                        self.exchange.request_body(payload)
+                    else:
+                        self.exchange.request_end()
+                exchange = self.exchange
+                if exchange is not None:
+                    exchange.flush_upstream()
+                    exchange.flush_client()
+            if self.queued is None:
+                if not self.parsing_queued or self.exchange is None:
+                    self.parsing_queued = self.in_head and self.exchange is not None
+                self.flow.resume(flow.PIPELINED)
+                if self.exchange is None and self.eof:
+                    self.close()
+        finally:
+            self.replaying = False
+
+    def upgrade_refused(self) -> None:
+        """The upstream answered a WebSocket request with a normal response."""
+        self.flow.resume(flow.UPGRADING)
+
+    def start_tunnel(self, tunnel: Any) -> bytes:
+        """The 101 went out: from now on bytes are relayed. Returns what the client sent early."""
+        self.tunnel = tunnel
+        self.deadline = 0.0
+        rest = self.upgrade_rest or b""
+        self.upgrade_rest = None
+        return rest
+
+    # -- output and the end ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _fail(self, status: int) -> None:
+        """Malformed or over-limit request: answer `status` and close (RFC 9112 11.2)."""
+        if self.closed:
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            started = exchange.resp_started
+            exchange.client_lost()
+            if started:
+                self.abort()
+                return
+        self.dp.status_counts[status] += 1
+        self.write(error_response(status, self.dp.date.at_now()))
+        self.close()
+
+    def close(self) -> None:
+        """Close after what was written is flushed."""
+        if not self.closed:
+            self.closed = True
+            self.dp.connections.discard(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection: what the client has is incomplete and must look so."""
+        if not self.closed:
+            self.closed = True
+            self.dp.connections.discard(self)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def deadline_passed(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.deadline_passed()
+        elif self.in_head:
+            self._fail(408)
+        else:
+            self.deadline = 0.0
+            self.close()  # keep-alive idle timeout: close quietly

@@ -1,0 +1,98 @@
+"""Upstream connections by (endpoint, transport profile): connect, pool, expire.
+
+Envoy keys a connection pool by cluster, host and transport socket; here the key is the
+endpoint's (address, port) and the cluster's TransportProfile (plain, or TLS with its CA and
+SNI), so a connection made for one profile is never reused for another. Idle connections are
+kept LIFO (the warmest first), at most `max_idle` per key (--upstream-max-idle), and closed after
+the idle timeout or when their endpoint leaves every live table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import cast
+
+from edgeproxy.hosts import EndpointKey, EndpointState
+from edgeproxy.proxy.http1_client import UpstreamConnection
+from edgeproxy.routing import TransportProfile
+
+PoolKey = tuple[EndpointKey, TransportProfile]
+
+
+class UpstreamPool:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int) -> None:
+        self.loop = loop
+        self.max_idle = max_idle
+        self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self.connects = 0
+
+    def take(self, endpoint: EndpointState, profile: TransportProfile) -> UpstreamConnection | None:
+        """A pooled connection that is still open, or None."""
+        idle = self.idle.get((endpoint.key, profile))
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection, now: float) -> None:
+        """Keep a connection whose response ended cleanly, or close it."""
+        if conn.closed or not conn.reusable or conn.endpoint.draining:
+            conn.close()
+            return
+        idle = self.idle.get(conn.pool_key)
+        if idle is None:
+            idle = self.idle[conn.pool_key] = []
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.receiver = None
+        conn.idle_since = now
+        conn.flow.resume(-1)  # a pooled connection reads, so that its close is seen at once
+        idle.append(conn)
+
+    async def connect(self, endpoint: EndpointState, profile: TransportProfile,
+                      context: ssl.SSLContext | None) -> UpstreamConnection:  # fmt: skip
+        """A new connection; raises OSError (refused, unreachable, TLS failure)."""
+        self.connects += 1
+        key = (endpoint.key, profile)
+        server_name = None
+        if profile.tls:
+            server_name = profile.server_name or endpoint.address
+        _, protocol = await self.loop.create_connection(
+            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, key)),
+            endpoint.address, endpoint.port, ssl=context if profile.tls else None,
+            server_hostname=server_name,
+        )  # fmt: skip
+        conn = cast(UpstreamConnection, protocol)
+        sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return conn
+
+    def expire(self, before: float) -> None:
+        """Close idle connections unused since `before` (the periodic sweep)."""
+        for key, idle in list(self.idle.items()):
+            if idle and idle[0].idle_since < before:
+                for conn in [c for c in idle if c.idle_since < before]:
+                    conn.close()
+                idle[:] = [c for c in idle if not c.closed]
+            if not idle:
+                del self.idle[key]
+
+    def retain(self, live: Iterable[EndpointKey]) -> None:
+        """Close the idle connections of endpoints no live table refers to."""
+        keep = set(live)
+        for key in [k for k in self.idle if k[0] not in keep]:
+            for conn in self.idle.pop(key):
+                conn.close()
+
+    def idle_count(self, key: EndpointKey) -> int:
+        return sum(len(v) for k, v in self.idle.items() if k[0] == key)
