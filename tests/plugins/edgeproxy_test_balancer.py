@@ -16,3 +16,13 @@ class Last:
             if accept is None or accept(host):
                 return host
         return None
+
+
+class Broken:
+    """A plug-in whose constructor always raises: it must stay confined to its cluster."""
+
+    def __init__(self, hosts: Any, options: Any) -> None:
+        raise RuntimeError("this balancer never builds")
+
+    def pick(self, request: Any, accept: Any = None) -> Any:
+        return None
