@@ -37,6 +37,15 @@ from edgeproxy.proxy.message import ClientProtocolError, RequestHead
 
 HEAD_EVENT, BODY_EVENT, END_EVENT, ERROR_EVENT = range(4)
 MAX_UPGRADE_REST = 64 * 1024  # bytes sent after an upgrade request before the 101 arrives
+# A read is parsed in slices of this size, and parsing stops while MAX_QUEUED events of
+# pipelined requests wait: a client that pipelines without reading holds at most this much
+# parsed state (the rest stays bytes, and reading is paused).
+FEED_SLICE = 16 * 1024
+MAX_QUEUED = 64
+# After an error answer: read and drop what the client still sends, for at most this long and
+# this much, so that its RST does not destroy the answer (nginx's lingering close).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
 
 
 class ClientConnection:
@@ -45,7 +54,7 @@ class ClientConnection:
 
     __slots__ = (
         "body_received", "client_ip", "client_ip_bytes", "closed", "deadline", "dp", "eof", "exchange", "flow",
-        "head_fed", "in_head", "parser", "parsing", "parsing_queued", "peer_ip", "port",
+        "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "peer_ip", "port",
         "queued", "replaying", "scheme", "transport", "trusted_peer", "tunnel", "upgrade_rest",
         "write_paused",
     )  # fmt: skip
@@ -75,6 +84,10 @@ class ClientConnection:
         self.write_paused = False
         self.tunnel: Any = None
         self.upgrade_rest: bytes | None = None  # bytes after a WebSocket request, before its 101
+        self.backlog: bytes | None = None  # bytes not parsed yet (MAX_QUEUED reached)
+        self.feeding = False
+        self.continuation = False  # parsing the body of an upgrade request we do not upgrade
+        self.lingering = -1  # bytes still accepted after an error answer; -1: not lingering
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -98,6 +111,11 @@ class ClientConnection:
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering >= 0:
+            self.lingering -= len(data)
+            if self.lingering < 0:
+                self._really_close()
+            return
         if self.closed:
             return
         if self.tunnel is not None:
@@ -106,20 +124,47 @@ class ClientConnection:
         if self.upgrade_rest is not None:
             self._hold_for_upgrade(data)
             return
-        if self.in_head:
-            self.head_fed += len(data)
-        elif self.exchange is None and self.queued is None:
+        if self.backlog is not None:
+            self.backlog += data  # reading is paused; this read was already under way
+            return
+        if self.exchange is None and self.queued is None and not self.in_head:
             self.deadline = self.dp.now + self.dp.settings.client_header_timeout
-        self._feed(data)
-        if self.closed:
-            return
-        if self.in_head and self.head_fed > self.dp.settings.max_header_bytes:
-            self._fail(431)
-            return
+        self._consume(data)
         exchange = self.exchange
-        if exchange is not None:
+        if exchange is not None and not self.closed:
             exchange.flush_upstream()
             exchange.flush_client()
+
+    def _consume(self, data: bytes) -> None:
+        """Parse `data` slice by slice; stop (keeping the rest as bytes) when too many
+        pipelined events wait, and check the header limit on the bytes fed."""
+        if self.feeding:  # re-entered from a callback: the outer loop continues with it
+            self.backlog = (self.backlog or b"") + data
+            return
+        self.feeding = True
+        limit = self.dp.settings.max_header_bytes
+        try:
+            while data and not self.closed:
+                queued = self.queued
+                if queued is not None and len(queued) >= MAX_QUEUED:
+                    self.backlog = data
+                    self.flow.pause(flow.PIPELINED)
+                    return
+                if len(data) <= FEED_SLICE:
+                    piece, data = data, b""
+                else:
+                    piece, data = data[:FEED_SLICE], data[FEED_SLICE:]
+                if self.in_head:
+                    self.head_fed += len(piece)
+                self._feed(piece)
+                if self.in_head and self.head_fed > limit and not self.closed:
+                    self._fail(431)  # counted on bytes fed: a line without end is bytes too
+                    return
+                if self.backlog is not None:
+                    data = self.backlog + data
+                    self.backlog = None
+        finally:
+            self.feeding = False
 
     def _feed(self, data: bytes) -> None:
         parser = self.parser
@@ -135,6 +180,14 @@ class ClientConnection:
                     return
                 # Any other upgrade token is not ours to honour: parse on, as plain HTTP.
                 parser = self.parser = HttpRequestParser(self)
+                head = self.parsing
+                if head is not None and head.body_after_upgrade:
+                    # llhttp left this request's body unparsed: a framing-only head lets the
+                    # new parser delimit it (its head callbacks are ignored: continuation).
+                    self.continuation = True
+                    framing = (b"Transfer-Encoding: chunked" if head.chunked
+                               else b"Content-Length: %d" % head.content_length)  # fmt: skip
+                    parser.feed_data(b"PUT / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
                 data = rest
             except HttpParserCallbackError as exc:
                 cause = exc.__context__
@@ -154,6 +207,9 @@ class ClientConnection:
             self._fail(400)
 
     def eof_received(self) -> bool:
+        if self.lingering >= 0:
+            self._really_close()
+            return True
         if self.tunnel is not None:
             self.tunnel.client_eof()
             return True
@@ -197,26 +253,34 @@ class ClientConnection:
         if exchange is not None:
             exchange.client_write_paused(False)
         self.flow.resume(flow.CLIENT_FULL)
-        if exchange is None and self.queued is not None:
-            self._replay()
+        if exchange is None and (self.queued is not None or self.backlog is not None):
+            if not self.replaying:
+                self._replay()
 
     # -- httptools callbacks: the request --------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.continuation:
+            return
         self.parsing = RequestHead()
         self.parsing_queued = self.exchange is not None or self.queued is not None
         self.in_head = True
         self.head_fed = 0
 
     def on_url(self, url: bytes) -> None:
+        if self.continuation:
+            return
         head = self.parsing
         head.target += url
         head.size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.parsing.add_field(name, value)
+        if not self.continuation:
+            self.parsing.add_field(name, value)
 
     def on_headers_complete(self) -> None:
+        if self.continuation:
+            return
         self.in_head = False
         head = self.parsing
         settings = self.dp.settings
@@ -243,6 +307,10 @@ class ClientConnection:
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        if self.continuation:
+            self.continuation = False
+        elif self.parsing.body_after_upgrade:
+            return  # the end comes after the body, which the continuation parser reads
         if self.parsing_queued:
             self._queue(END_EVENT, None)
             return
@@ -295,55 +363,71 @@ class ClientConnection:
             self.close()
             return
         self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
-        if self.queued is not None:
+        if self.queued is not None or self.backlog is not None:
             if not self.replaying:
                 self._replay()
-        elif self.eof:
+        elif self.eof and not self.in_head:
             self.close()
         elif self.write_paused:
             self.flow.pause(flow.CLIENT_FULL)
 
     def _replay(self) -> None:
-        """Start the queued requests in order, one at a time (a loop, not recursion: local
-        answers finish at once)."""
+        """Start the queued requests in order, one at a time, then parse what waits as bytes
+        (a loop, not recursion: local answers finish at once)."""
         self.replaying = True
         try:
-            while self.queued is not None and self.exchange is None and not self.closed:
-                if self.write_paused:
-                    return  # resume_writing goes on
+            for _ in range(1 << 20):  # bounded: each turn consumes a queued event or bytes
+                if self.closed or self.exchange is not None or self.write_paused:
+                    return  # the exchange's end, or resume_writing, goes on from here
                 queued = self.queued
-                kind, payload = queued.pop(0)
-                if not queued:
-                    self.queued = None
-                if kind == HEAD_EVENT:
-                    self._start(payload)
-                elif kind == ERROR_EVENT:
-                    self._fail(payload)
-                    return
-                # Body and end events of the request just started follow it.
-                while self.queued is not None and self.exchange is not None:
-                    kind, payload = self.queued[0]
-                    if kind == HEAD_EVENT or kind == ERROR_EVENT:
-                        break
-                    self.queued.pop(0)
-                    if not self.queued:
-                        self.queued = None
-                    if kind == BODY_EVENT:
-                        self.exchange.request_body(payload)
-                    else:
-                        self.exchange.request_end()
-                exchange = self.exchange
-                if exchange is not None:
-                    exchange.flush_upstream()
-                    exchange.flush_client()
-            if self.queued is None:
-                if not self.parsing_queued or self.exchange is None:
-                    self.parsing_queued = self.in_head and self.exchange is not None
+                if queued is not None:
+                    self._start_queued(queued)
+                    continue
                 self.flow.resume(flow.PIPELINED)
-                if self.exchange is None and self.eof:
+                backlog = self.backlog
+                if backlog is not None and not self.feeding:
+                    self.backlog = None
+                    self._consume(backlog)
+                    exchange = self.exchange
+                    if exchange is not None:
+                        exchange.flush_upstream()
+                        exchange.flush_client()
+                    continue
+                if self.eof and not self.in_head:
                     self.close()
+                return
         finally:
             self.replaying = False
+
+    def _start_queued(self, queued: list[tuple[int, Any]]) -> None:
+        kind, payload = queued.pop(0)
+        if not queued:
+            self.queued = None
+        if kind == HEAD_EVENT:
+            self._start(payload)
+        elif kind == ERROR_EVENT:
+            self._fail(payload)
+            return
+        # Body and end events of the request just started follow it.
+        while self.queued is not None and self.exchange is not None:
+            kind, payload = self.queued[0]
+            if kind == HEAD_EVENT or kind == ERROR_EVENT:
+                break
+            self.queued.pop(0)
+            if not self.queued:
+                self.queued = None
+            if kind == BODY_EVENT:
+                self.exchange.request_body(payload)
+            else:
+                self.exchange.request_end()
+        if self.queued is None and self.parsing_queued and not self.in_head:
+            self.parsing_queued = False  # nothing of a later request is half-parsed
+        elif self.queued is None and self.in_head:
+            self.parsing_queued = self.exchange is not None
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.flush_upstream()
+            exchange.flush_client()
 
     def upgrade_refused(self) -> None:
         """The upstream answered a WebSocket request with a normal response."""
@@ -377,6 +461,24 @@ class ClientConnection:
                 return
         self.dp.status_counts[status] += 1
         self.write(error_response(status, self.dp.date.at_now()))
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            # Lingering close: our FIN goes after the answer; what the client still sends is
+            # read and dropped for a while, so its RST cannot destroy the answer in flight.
+            transport.write_eof()
+            self.closed = True
+            self.exchange = None
+            self.queued = None
+            self.backlog = None
+            self.lingering = LINGER_BYTES
+            self.flow.resume(-1)
+            self.deadline = self.dp.now + LINGER_SECONDS
+            return
+        self.close()
+
+    def _really_close(self) -> None:
+        self.lingering = -1
+        self.closed = False
         self.close()
 
     def close(self) -> None:
@@ -396,6 +498,9 @@ class ClientConnection:
                 self.transport.abort()
 
     def deadline_passed(self) -> None:
+        if self.lingering >= 0:
+            self._really_close()
+            return
         exchange = self.exchange
         if exchange is not None:
             exchange.deadline_passed()

@@ -41,7 +41,7 @@ class RequestHead:
 
     __slots__ = (
         "authority", "chunked", "conn_tokens", "content_length", "expect_continue", "fields",
-        "forwarded", "fwd", "has_request_id", "host_count", "host_header", "http10", "keep_alive",
+        "body_after_upgrade", "forwarded", "fwd", "has_request_id", "host_count", "host_header", "http10", "keep_alive",
         "method", "path", "query", "size", "target", "te", "upgrade", "websocket", "xf_proto",
         "xff", "x_real_ip",
     )  # fmt: skip
@@ -61,6 +61,7 @@ class RequestHead:
         self.expect_continue = False
         self.upgrade: bytes | None = None
         self.websocket = False
+        self.body_after_upgrade = False
         self.xff: bytes | None = None
         self.xf_proto: bytes | None = None
         self.forwarded: list[bytes] | None = None  # a trusted proxy's Forwarded / X-Real-IP lines
@@ -146,8 +147,13 @@ class RequestHead:
         # other tokens (h2c, a smuggling vector through proxies) are dropped and the request
         # is proxied as a plain one.
         upgrade = self.upgrade
-        self.websocket = (upgrade is not None and b"upgrade" in self.conn_tokens
-                          and self.method == b"GET" and upgrade.strip().lower() == b"websocket")  # fmt: skip
+        asks = upgrade is not None and b"upgrade" in self.conn_tokens
+        self.websocket = (asks and self.method == b"GET" and upgrade is not None
+                          and upgrade.strip().lower() == b"websocket")  # fmt: skip
+        # llhttp (through httptools) ends an upgrade request at its head and leaves the body
+        # as "upgrade data"; for one we proxy as plain HTTP, the codec parses that body itself.
+        self.body_after_upgrade = (asks and not self.websocket
+                                   and (self.chunked or self.content_length > 0))  # fmt: skip
         self._target()
 
     def _target(self) -> None:
