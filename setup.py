@@ -1,6 +1,5 @@
-"""Build hook: compile the hot path with Cython when a C compiler is at hand:
-edgeproxy/proxy/{upstream,downstream,dataplane}.py, edgeproxy/health.py and
-edgeproxy/balancing.py, typed by the .pxd files beside them, and edgeproxy/proxy/_heads.pyx,
+"""Build hook: compile the hot path with Cython when a C compiler is at hand: the modules in
+HOT_PATH, typed by the .pxd files beside them, and edgeproxy/proxy/_heads.pyx,
 the C twins of headers.py's byte helpers. Without a compiler, or with EDGEPROXY_PURE_PYTHON=1,
 the same modules install as plain Python and behave the same, slower. Everything else is in
 pyproject.toml.
@@ -29,9 +28,9 @@ HOT_PATH = [
 class OptionalBuildExt(build_ext):
     """A failed compile leaves the pure-Python modules in place instead of failing the install.
 
-    All or nothing: the compiled modules know each other's C types (downstream.pxd cimports
-    upstream's and the other way round), so one compiled module beside a pure one would fail
-    at run time. If any of them fails to build, none is installed.
+    All or nothing: the compiled modules know each other's C types (exchange.pxd cimports
+    http1_client's, http1_server.pxd the exchange's), so one compiled module beside a pure
+    one would fail at run time. If any of them fails to build, none is installed.
     """
 
     def run(self) -> None:

@@ -390,7 +390,7 @@ class Exchange:
             # Back one phase: the body written so far is sent again from the start.
             if self.kept:
                 self.pending = self.kept + self.pending
-                self.pending_bytes = sum(len(p) for p in self.pending)
+                self.pending_bytes = self.kept_bytes + self.pending_bytes
             self.kept = [] if self.replayable else None
             self.kept_bytes = 0
             self.pick()

@@ -46,6 +46,7 @@ MAX_QUEUED = 64
 # this much, so that its RST does not destroy the answer (nginx's lingering close).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 8 * 1024 * 1024
+NO_REQUEST = RequestHead()  # what `parsing` holds before the first request
 
 
 class ClientConnection:
@@ -72,7 +73,7 @@ class ClientConnection:
         self.trusted_peer = False
         self.deadline = 0.0
         self.exchange: Exchange | None = None
-        self.parsing: RequestHead | None = None
+        self.parsing: RequestHead = NO_REQUEST  # replaced at each message's first byte
         self.parsing_queued = False  # the request being parsed waits behind another
         self.queued: list[tuple[int, Any]] | None = None
         self.replaying = False
@@ -181,7 +182,7 @@ class ClientConnection:
                 # Any other upgrade token is not ours to honour: parse on, as plain HTTP.
                 parser = self.parser = HttpRequestParser(self)
                 head = self.parsing
-                if head is not None and head.body_after_upgrade:
+                if head.body_after_upgrade:
                     # llhttp left this request's body unparsed: a framing-only head lets the
                     # new parser delimit it (its head callbacks are ignored: continuation).
                     self.continuation = True

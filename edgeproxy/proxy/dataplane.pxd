@@ -1,0 +1,17 @@
+# Cython declarations for dataplane.py (pure-Python mode): compiled, the codecs and the
+# exchange read these fields as C struct members instead of through a per-instance dict.
+
+cdef class Dataplane:
+    cdef public object settings, loop, table, registry, pool, date, upstream_ssl
+    cdef public object backend_contexts, _sweeper
+    cdef public double now, tick, _last_pool_sweep
+    cdef public set connections
+    cdef public list status_counts
+    cdef public Py_ssize_t retries, rid_counter
+    cdef public bint draining
+    cdef public dict bindings, route_memo, host_names, balancer_types
+    cdef public bytes rid_prefix
+
+    cpdef object route(self, str host, str path)
+    cpdef str remember_host(self, bytes raw, str name)
+    cpdef bytes request_id(self)

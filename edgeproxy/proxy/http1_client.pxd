@@ -1,0 +1,29 @@
+# Cython declarations for http1_client.py (pure-Python mode): compiled, the upstream
+# connection is an extension type; its receiver (the exchange) is called as a Python object,
+# which keeps the import graph one-way (exchange -> http1_client).
+
+from edgeproxy.hosts cimport EndpointState
+from edgeproxy.proxy.flow cimport FlowControl
+
+
+cdef class ResponseHead:
+    cdef public int status
+    cdef public bytes head, upgrade
+    cdef public object content_length
+    cdef public bint chunked
+
+cdef class UpstreamConnection:
+    cdef public EndpointState endpoint
+    cdef public tuple pool_key
+    cdef public object transport, parser, receiver
+    cdef public FlowControl flow
+    cdef public ResponseHead switching
+    cdef public bytes raw
+    cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done, eof
+    cdef public double idle_since
+
+    cpdef begin(self, object receiver, bint skip_body)
+    cpdef write(self, bytes data)
+    cpdef close(self)
+    cpdef abort(self)
+    cdef _broken(self, str reason)

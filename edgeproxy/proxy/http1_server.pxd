@@ -1,0 +1,42 @@
+# Cython declarations for http1_server.py (pure-Python mode): compiled, the client connection
+# is an extension type; httptools and asyncio call its Python methods, and it calls the
+# exchange as C calls.
+
+from edgeproxy.proxy.dataplane cimport Dataplane
+from edgeproxy.proxy.exchange cimport Exchange
+from edgeproxy.proxy.flow cimport FlowControl
+from edgeproxy.proxy.message cimport RequestHead
+
+
+cdef class ClientConnection:
+    cdef public Dataplane dp
+    cdef public bytes scheme, port, client_ip_bytes, peer_ip
+    cdef public str client_ip
+    cdef public object transport, queued, tunnel, upgrade_rest, backlog
+    cdef public FlowControl flow
+    cdef public object parser
+    cdef public double deadline
+    cdef public Exchange exchange
+    cdef public RequestHead parsing
+    cdef public bint parsing_queued, replaying, in_head, closed, eof, write_paused, trusted_peer
+    cdef public bint feeding, continuation
+    cdef public Py_ssize_t head_fed, body_received, lingering
+
+    cdef _consume(self, bytes data)
+    cdef _feed(self, bytes data)
+    cdef _hold_for_upgrade(self, bytes data)
+    cdef _drop_incomplete(self)
+    cdef _check_body(self, Exchange exchange, Py_ssize_t size)
+    cdef _start(self, RequestHead head)
+    cdef _queue(self, Py_ssize_t kind, object payload)
+    cdef _protocol_error(self, Py_ssize_t status)
+    cpdef exchange_done(self, Exchange exchange, bint keep_alive)
+    cdef _replay(self)
+    cdef _start_queued(self, list queued)
+    cpdef upgrade_refused(self)
+    cpdef bytes start_tunnel(self, object tunnel)
+    cpdef write(self, bytes data)
+    cpdef _fail(self, Py_ssize_t status)
+    cdef _really_close(self)
+    cpdef close(self)
+    cpdef abort(self)

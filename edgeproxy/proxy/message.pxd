@@ -1,0 +1,17 @@
+# Cython declarations for message.py (pure-Python mode): compiled, RequestHead is an extension
+# type whose fields the codec and the exchange read as C struct members.
+
+cdef class RequestHead:
+    cdef public bytes authority, method, query, target
+    cdef public object te, upgrade, xff, xf_proto, forwarded, x_real_ip, host_header, conn_tokens
+    cdef public bint body_after_upgrade, chunked, expect_continue, has_request_id, http10
+    cdef public bint keep_alive, websocket
+    cdef public list fields, fwd
+    cdef public Py_ssize_t content_length, host_count, size
+    cdef public str path
+
+    cpdef add_field(self, bytes name, bytes value)
+    cdef _special_field(self, bytes lname, bytes value)
+    cpdef complete(self, str version, bint keep_alive, Py_ssize_t max_body)
+    cdef _target(self)
+    cpdef bytes origin_target(self)
