@@ -190,6 +190,11 @@ def main() -> int:
     parser.add_argument("--skip-10k", action="store_true")
     parser.add_argument("--mode", choices=("http", "https", "handshake"), default="http")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter whose installed edgeproxy is measured (default: this one)")
+    parser.add_argument("--compare", metavar="PYTHON",
+                        help="also measure the edgeproxy installed for this interpreter "
+                             "(another build, e.g. the previous commit) in the same rounds")
     args = parser.parse_args()
     global MODE
     MODE = args.mode
@@ -201,7 +206,22 @@ def main() -> int:
         from edgeproxy.tls import self_signed_pem
 
         tls = self_signed_pem(HOST)
-    edgeproxy = [sys.executable, "-m", "edgeproxy.cli"]
+    # Run from a directory without the checkout, so the installed build is what runs (a
+    # checkout's source tree on sys.path would be the pure-Python modules, silently).
+    edgeproxy = [args.python, "-m", "edgeproxy.cli"]
+    build = subprocess.run(
+        [args.python, "-c", "import edgeproxy, edgeproxy.proxy as p; "
+         "print('compiled' if p.compiled() else 'pure Python', 'from', edgeproxy.__file__)"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    print(f"edgeproxy build measured: {build}", flush=True)
+    if args.compare:
+        other = subprocess.run(
+            [args.compare, "-c", "import edgeproxy, edgeproxy.proxy as p; "
+             "print('compiled' if p.compiled() else 'pure Python', 'from', edgeproxy.__file__)"],
+            cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        print(f"edgeproxy-compare build: {other}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-") as tmp:
         work = Path(tmp)
@@ -240,21 +260,23 @@ def main() -> int:
   }}""", 0))  # fmt: skip
             wait_port(nginx_port)
             targets: dict[str, tuple[int, int]] = {"nginx": (procs[-1].pid, nginx_port)}
-            variants = [("edgeproxy", 0, [])]
+            variants = [("edgeproxy", 0, [], edgeproxy)]
+            if args.compare:
+                variants.append(("edgeproxy-compare", 0, [], [args.compare, "-m", "edgeproxy.cli"]))
             if not args.skip_10k:
-                variants.append(("edgeproxy-10k", 10_000, []))
+                variants.append(("edgeproxy-10k", 10_000, [], edgeproxy))
             if args.balancers:
-                variants += [("edgeproxy-least_conn", 0, ["--default-balancer", "least_conn"]),
-                             ("edgeproxy-hash", 0, ["--default-balancer", "hash"])]  # fmt: skip
-            for name, extra, flags in variants:
+                variants += [("edgeproxy-least_conn", 0, ["--default-balancer", "least_conn"], edgeproxy),
+                             ("edgeproxy-hash", 0, ["--default-balancer", "hash"], edgeproxy)]  # fmt: skip
+            for name, extra, flags, command in variants:
                 port = free_port()
                 proc = subprocess.Popen(
-                    ["taskset", "-c", "0", *edgeproxy, "run",
+                    ["taskset", "-c", "0", *command, "run",
                      "--manifests", str(manifests(work, backend_port, extra, tls)),
                      "--https" if tls else "--http", f"127.0.0.1:{port}",
                      "--admin", f"127.0.0.1:{free_port()}",
                      "--log-level", "warning", *flags],
-                    cwd=ROOT, stdout=subprocess.DEVNULL,
+                    cwd=work, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
                 procs.append(proc)
                 wait_port(port, 120)

@@ -19,7 +19,7 @@ from edgeproxy.hosts import EndpointKey
 class TransportProfile(NamedTuple):
     """How a cluster connects to its endpoints. Pooled connections are keyed by endpoint and
     profile (Envoy: cluster, host and transport socket): two clusters reaching one pod with
-    different TLS settings never share a connection. A tuple: hashed in C on every pool take."""
+    different TLS settings never share a connection."""
 
     tls: bool = False
     ca_secret: tuple[str, str] | None = None  # Secret with ca.crt that verifies the endpoints

@@ -20,12 +20,17 @@ from edgeproxy.routing import Cluster, TransportProfile
 
 class ClusterBinding:
     __slots__ = ("balancer", "cluster", "healthy", "healthy_epoch", "hosts", "keys", "outlier",
-                 "profile", "tls_context")  # fmt: skip
+                 "pools", "profile", "tls_context")  # fmt: skip
 
     def __init__(self, cluster: Cluster, keys: tuple[EndpointKey, ...],
                  hosts: tuple[EndpointState, ...], balancer_types: dict[str, type[Any]],
-                 tls_context: ssl.SSLContext | None) -> None:  # fmt: skip
+                 tls_context: ssl.SSLContext | None,
+                 pools: dict[EndpointState, list[Any]] | None = None) -> None:  # fmt: skip
         self.cluster = cluster
+        # Each host's idle connections for this cluster's transport profile: the pool's own
+        # lists (shared with every cluster of the same profile), found here without building
+        # the (endpoint, profile) key on every request.
+        self.pools: dict[EndpointState, list[Any]] = pools or {}
         self.keys = keys
         self.hosts = hosts
         self.outlier: OutlierSettings | None = cluster.outlier

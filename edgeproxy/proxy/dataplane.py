@@ -21,6 +21,7 @@ from edgeproxy.config import Settings
 from edgeproxy.health import EndpointRegistry
 from edgeproxy.hosts import EndpointKey
 from edgeproxy.proxy.binding import ClusterBinding
+from edgeproxy.proxy.headers import hex16
 from edgeproxy.proxy.local import DateHeader
 from edgeproxy.proxy.pool import UpstreamPool
 from edgeproxy.routing import EMPTY_TABLE, Cluster, Route, RouteTable, TransportProfile
@@ -96,7 +97,8 @@ class Dataplane:
         if profile not in contexts:
             contexts[profile] = self._tls_context(profile, cluster.name)
         hosts = tuple(self.registry.get(k) for k in keys)
-        return ClusterBinding(cluster, keys, hosts, self.balancer_types, contexts[profile])
+        pools = {h: self.pool.idle_list(h.key, profile) for h in hosts}
+        return ClusterBinding(cluster, keys, hosts, self.balancer_types, contexts[profile], pools)
 
     def _tls_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext | None:
         if not profile.tls:
@@ -136,8 +138,6 @@ class Dataplane:
         return name
 
     def request_id(self) -> bytes:
-        from edgeproxy.proxy.headers import hex16
-
         self.rid_counter += 1
         return self.rid_prefix + hex16(self.rid_counter)
 
@@ -153,7 +153,15 @@ class Dataplane:
     def _sweep(self) -> None:
         now = self.now = self.loop.time()
         self.date.at(time.time())
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
+        # A connection's deadline is its exchange's while one is in progress (connect, read),
+        # else its own (header, keep-alive idle); 0 is none.
+        due = []
+        for conn in self.connections:
+            exchange = conn.exchange
+            deadline = exchange.deadline if exchange is not None else conn.deadline
+            if deadline and deadline <= now:
+                due.append(conn)
+        for conn in due:
             conn.deadline_passed()
         if now - self._last_pool_sweep >= POOL_SWEEP_INTERVAL:
             self._last_pool_sweep = now

@@ -5,6 +5,7 @@
 from edgeproxy.hosts cimport EndpointState
 from edgeproxy.proxy.binding cimport ClusterBinding
 from edgeproxy.proxy.dataplane cimport Dataplane
+from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.http1_client cimport ResponseHead, UpstreamConnection
 from edgeproxy.proxy.message cimport RequestHead
 
@@ -15,6 +16,8 @@ cdef class Exchange:
     cdef public RequestHead req
     cdef public list out, up_buf, pending
     cdef public ClusterBinding binding
+    cdef public FlowControl cflow
+    cdef public double deadline
     cdef public EndpointState endpoint
     cdef public UpstreamConnection up
     cdef public Py_ssize_t attempts, stage, pending_bytes, kept_bytes, status, framing

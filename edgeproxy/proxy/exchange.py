@@ -23,6 +23,7 @@ from edgeproxy.hosts import EndpointState
 from edgeproxy.proxy import flow
 from edgeproxy.proxy.binding import ClusterBinding
 from edgeproxy.proxy.dataplane import Dataplane
+from edgeproxy.proxy.flow import FlowControl
 from edgeproxy.proxy.forward import upstream_request_head
 from edgeproxy.proxy.http1_client import ResponseHead, UpstreamConnection
 from edgeproxy.proxy.local import CONTINUE, error_body, local_response
@@ -32,10 +33,12 @@ from edgeproxy.proxy.message import (
     LENGTH,
     NO_BODY,
     UNTIL_CLOSE,
+    VALID_HOST,
     RequestHead,
     host_name,
     response_framing,
 )
+from edgeproxy.proxy.pool import UpstreamPool
 from edgeproxy.routing import Route
 
 GATEWAY_FAILURE_STATUSES = frozenset({502, 503, 504})
@@ -67,7 +70,7 @@ class Exchange:
     """One request, from its parsed head to the last byte of its response (see exchange.pxd)."""
 
     __slots__ = (
-        "attempts", "binding", "client", "connect_task", "done", "dp", "endpoint", "framing",
+        "attempts", "binding", "cflow", "client", "connect_task", "deadline", "done", "dp", "endpoint", "framing",
         "keep_alive", "kept", "kept_bytes", "pending", "pending_bytes", "replayable", "req",
         "req_done", "resp_done", "resp_started", "route", "stage", "status", "tried",
         "transport", "tunnel", "up", "up_head", "up_until_close", "upgrading", "out",
@@ -79,6 +82,9 @@ class Exchange:
         self.dp = dp
         self.req = req
         self.transport: Any = client.transport
+        self.cflow: FlowControl = client.flow  # the client side's flow control
+        # Loop time the current phase must end by (connect, read); 0: none.
+        self.deadline = dp.now + dp.settings.read_timeout
         self.out: list[bytes] = []  # bytes for the client, written once per upstream read
         self.up_buf: list[bytes] = []  # bytes for the upstream, written once per client read
         self.route: Route | None = None
@@ -127,8 +133,12 @@ class Exchange:
         dp = self.dp
         client = self.client
         authority = req.authority
-        name = dp.host_names.get(authority)
+        name = dp.host_names.get(authority)  # a memo of the authorities already checked
         if name is None:
+            if VALID_HOST.fullmatch(authority) is None:
+                self.keep_alive = False  # RFC 9112 3.2: 400, and the connection is closed
+                self.respond_local(400, error_body(400))
+                return
             name = dp.remember_host(authority, host_name(authority))
         if req.path == "*":  # OPTIONS * (RFC 9110 9.3.7): about edgeproxy itself
             self.respond_local(200, b"")
@@ -175,12 +185,12 @@ class Exchange:
         self.endpoint = endpoint
         endpoint.in_flight += 1
         endpoint.requests += 1
-        conn = dp.pool.take(endpoint, binding.profile)
+        conn = UpstreamPool.take(binding.pools.get(endpoint))
         if conn is not None:
             self.attach(conn)
             return
         self.stage = NOTHING_SENT
-        self.client.deadline = dp.now + dp.settings.connect_timeout
+        self.deadline = dp.now + dp.settings.connect_timeout
         self.connect_task = dp.loop.create_task(self.connect(endpoint, binding))
 
     # -- phase: connect ----------------------------------------------------------------
@@ -209,7 +219,7 @@ class Exchange:
         self.up = conn
         conn.begin(self, self.req.method == b"HEAD")
         self.stage = REQUEST_SENT
-        self.client.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.settings.read_timeout
         buf = self.up_buf
         buf.append(self.up_head)
         if self.pending:
@@ -218,7 +228,7 @@ class Exchange:
                 self.kept.extend(self.pending)
             self.pending = []
             self.pending_bytes = 0
-            self.client.flow.resume(flow.BODY_BUFFERED)
+            self.cflow.resume(flow.BODY_BUFFERED)
 
     def request_body(self, data: bytes) -> None:
         if self.discarding:
@@ -230,7 +240,7 @@ class Exchange:
     def _body_piece(self, data: bytes) -> None:
         if self.up is not None:
             self.up_buf.append(data)
-            self.client.deadline = self.dp.now + self.dp.settings.read_timeout
+            self.deadline = self.dp.now + self.dp.settings.read_timeout
             kept = self.kept
             if kept is not None:
                 self.kept_bytes += len(data)
@@ -245,7 +255,7 @@ class Exchange:
             self.pending.append(data)
             self.pending_bytes += len(data)
             if self.pending_bytes > PENDING_BODY_HIGH_WATER:
-                self.client.flow.pause(flow.BODY_BUFFERED)
+                self.cflow.pause(flow.BODY_BUFFERED)
 
     def request_end(self) -> None:
         self.req_done = True
@@ -301,7 +311,7 @@ class Exchange:
         else:
             line += b"\r\n"
         self.out.append(line)
-        self.client.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.settings.read_timeout
 
     def response_body(self, data: bytes) -> None:
         if self.framing == CHUNKED:
@@ -310,7 +320,7 @@ class Exchange:
             self.out.append(data)
 
     def response_flush(self) -> None:
-        self.client.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.settings.read_timeout
         self.flush_client()
 
     def response_end(self, conn: UpstreamConnection) -> None:
@@ -456,9 +466,9 @@ class Exchange:
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
-            self.client.flow.pause(flow.UPSTREAM_FULL)
+            self.cflow.pause(flow.UPSTREAM_FULL)
         else:
-            self.client.flow.resume(flow.UPSTREAM_FULL)
+            self.cflow.resume(flow.UPSTREAM_FULL)
 
     def client_write_paused(self, paused: bool) -> None:
         up = self.up
@@ -479,7 +489,7 @@ class Exchange:
         self.status = 101
         self.resp_started = True
         self.upgrading = False
-        self.client.deadline = 0.0  # tunnels idle as long as both ends want
+        self.deadline = 0.0  # tunnels idle as long as both ends want
         self.tunnel = Tunnel(self, conn)
         self.tunnel.open(rest)
 
@@ -519,7 +529,7 @@ class Exchange:
         self.pending = []
         self.pending_bytes = 0
         self.kept = None
-        self.client.flow.resume(flow.EXCHANGE_REASONS)
+        self.cflow.resume(flow.EXCHANGE_REASONS)
 
     def finish(self) -> None:
         """The exchange is over: count it, release what it held, hand the connection back."""
@@ -528,7 +538,7 @@ class Exchange:
         self.done = True
         self.flush_client()
         self.dp.status_counts[self.status] += 1
-        self.client.flow.resume(flow.EXCHANGE_REASONS)
+        self.cflow.resume(flow.EXCHANGE_REASONS)
         self.client.exchange_done(self, self.keep_alive and self.req_done)
 
     def finish_aborted(self) -> None:

@@ -15,6 +15,7 @@ cdef class ResponseHead:
 cdef class UpstreamConnection:
     cdef public EndpointState endpoint
     cdef public tuple pool_key
+    cdef public list idle_list
     cdef public object transport, parser, receiver
     cdef public FlowControl flow
     cdef public ResponseHead switching

@@ -51,14 +51,15 @@ class UpstreamConnection:
     """asyncio protocol of one connection to an endpoint (compiled: an extension type)."""
 
     __slots__ = (
-        "closed", "done", "endpoint", "eof", "flow", "idle_since", "in_head", "parser",
+        "closed", "done", "endpoint", "eof", "flow", "idle_list", "idle_since", "in_head", "parser",
         "pool_key", "raw", "receiver", "received", "reusable", "reused", "skip_body",
         "switching", "transport", "tunnel",
     )  # fmt: skip
 
-    def __init__(self, endpoint: EndpointState, pool_key: tuple[Any, Any]) -> None:
+    def __init__(self, endpoint: EndpointState, pool_key: tuple[Any, Any], idle_list: list[Any]) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.pool_key = pool_key  # (EndpointKey, TransportProfile): where it may be pooled
+        self.idle_list = idle_list  # ... and the pool's list for that key
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl = FlowControl(None)
         self.parser = HttpResponseParser(self)

@@ -291,8 +291,11 @@ class ClientConnection:
         head.method = parser.get_method()
         if head.method == b"CONNECT":
             raise ClientProtocolError(405, "CONNECT is not proxied (edgeproxy is no open proxy)")
-        head.complete(parser.get_http_version(), parser.should_keep_alive(),
-                      settings.max_body_bytes)  # fmt: skip
+        keep_alive = parser.should_keep_alive()
+        # Without any Connection field, llhttp keeps only HTTP/1.1 (and 1.x, x > 0) alive; so
+        # then the version string (formatted by get_http_version) is not needed.
+        version = "1.1" if keep_alive and not head.conn_tokens else parser.get_http_version()
+        head.complete(version, keep_alive, settings.max_body_bytes)
         if self.parsing_queued:
             self._queue(HEAD_EVENT, head)
         else:
@@ -330,7 +333,6 @@ class ClientConnection:
     def _start(self, head: RequestHead) -> None:
         self.body_received = 0
         exchange = self.exchange = Exchange(self, self.dp, head)
-        self.deadline = self.dp.now + self.dp.settings.read_timeout
         exchange.start()
 
     def _queue(self, kind: int, payload: Any) -> None:

@@ -178,9 +178,7 @@ class RequestHead:
             target = parsed.path or b"/"
             if parsed.query:
                 target += b"?" + parsed.query
-        if VALID_HOST.fullmatch(authority) is None:
-            raise ClientProtocolError(400, "invalid Host (RFC 9110 7.2)")
-        self.authority = authority
+        self.authority = authority  # checked against VALID_HOST by the exchange (memoized)
         raw_path, mark, query = target.partition(b"?")
         self.query = mark + query
         try:

@@ -29,9 +29,17 @@ class UpstreamPool:
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.connects = 0
 
-    def take(self, endpoint: EndpointState, profile: TransportProfile) -> UpstreamConnection | None:
-        """A pooled connection that is still open, or None."""
-        idle = self.idle.get((endpoint.key, profile))
+    def idle_list(self, key: EndpointKey, profile: TransportProfile) -> list[UpstreamConnection]:
+        """The list of idle connections for (endpoint, profile); the same list object for as
+        long as the endpoint is live, so bindings may hold it (ClusterBinding.pools)."""
+        idle = self.idle.get((key, profile))
+        if idle is None:
+            idle = self.idle[(key, profile)] = []
+        return idle
+
+    @staticmethod
+    def take(idle: list[UpstreamConnection] | None) -> UpstreamConnection | None:
+        """A pooled connection of this list that is still open, or None."""
         while idle:
             conn = idle.pop()
             if not conn.closed:
@@ -44,9 +52,7 @@ class UpstreamPool:
         if conn.closed or not conn.reusable or conn.endpoint.draining:
             conn.close()
             return
-        idle = self.idle.get(conn.pool_key)
-        if idle is None:
-            idle = self.idle[conn.pool_key] = []
+        idle = conn.idle_list
         if len(idle) >= self.max_idle:
             conn.close()
             return
@@ -60,11 +66,12 @@ class UpstreamPool:
         """A new connection; raises OSError (refused, unreachable, TLS failure)."""
         self.connects += 1
         key = (endpoint.key, profile)
+        idle = self.idle_list(endpoint.key, profile)
         server_name = None
         if profile.tls:
             server_name = profile.server_name or endpoint.address
         _, protocol = await self.loop.create_connection(
-            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, key)),
+            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, key, idle)),
             endpoint.address, endpoint.port, ssl=context if profile.tls else None,
             server_hostname=server_name,
         )  # fmt: skip
@@ -78,21 +85,22 @@ class UpstreamPool:
         return conn
 
     def expire(self, before: float) -> None:
-        """Close idle connections unused since `before` (the periodic sweep)."""
-        for key, idle in list(self.idle.items()):
+        """Close idle connections unused since `before` (the periodic sweep). The lists stay:
+        bindings hold them (they go with their endpoint, in retain)."""
+        for idle in self.idle.values():
             if idle and idle[0].idle_since < before:
                 for conn in [c for c in idle if c.idle_since < before]:
                     conn.close()
                 idle[:] = [c for c in idle if not c.closed]
-            if not idle:
-                del self.idle[key]
 
     def retain(self, live: Iterable[EndpointKey]) -> None:
         """Close the idle connections of endpoints no live table refers to."""
         keep = set(live)
         for key in [k for k in self.idle if k[0] not in keep]:
-            for conn in self.idle.pop(key):
+            idle = self.idle.pop(key)
+            for conn in idle:
                 conn.close()
+            idle.clear()
 
     def idle_count(self, key: EndpointKey) -> int:
         return sum(len(v) for k, v in self.idle.items() if k[0] == key)
