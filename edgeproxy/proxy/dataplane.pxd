@@ -4,7 +4,7 @@
 cdef class Dataplane:
     cdef public object settings, loop, table, registry, pool, date, upstream_ssl
     cdef public object backend_contexts, _sweeper
-    cdef public double now, tick, _last_pool_sweep
+    cdef public double now, tick, _last_pool_sweep, connect_timeout, read_timeout, panic_percent
     cdef public set connections
     cdef public list status_counts
     cdef public Py_ssize_t retries, rid_counter

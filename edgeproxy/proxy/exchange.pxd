@@ -7,13 +7,14 @@ from edgeproxy.proxy.binding cimport ClusterBinding
 from edgeproxy.proxy.dataplane cimport Dataplane
 from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.http1_client cimport ResponseHead, UpstreamConnection
-from edgeproxy.proxy.message cimport RequestHead
+from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
 cdef class Exchange:
     cdef public object client, transport, route, connect_task, tried, kept, tunnel
     cdef public Dataplane dp
     cdef public RequestHead req
+    cdef public ConnectionInfo conn
     cdef public list out, up_buf, pending
     cdef public ClusterBinding binding
     cdef public FlowControl cflow

@@ -20,10 +20,15 @@ import asyncio
 from typing import Any
 
 from edgeproxy.hosts import EndpointState
-from edgeproxy.proxy import flow
 from edgeproxy.proxy.binding import ClusterBinding
 from edgeproxy.proxy.dataplane import Dataplane
-from edgeproxy.proxy.flow import FlowControl
+from edgeproxy.proxy.flow import (
+    BODY_BUFFERED,
+    DOWNSTREAM_FULL,
+    EXCHANGE_REASONS,
+    UPSTREAM_FULL,
+    FlowControl,
+)
 from edgeproxy.proxy.forward import upstream_request_head
 from edgeproxy.proxy.http1_client import ResponseHead, UpstreamConnection
 from edgeproxy.proxy.local import CONTINUE, error_body, local_response
@@ -34,6 +39,7 @@ from edgeproxy.proxy.message import (
     NO_BODY,
     UNTIL_CLOSE,
     VALID_HOST,
+    ConnectionInfo,
     RequestHead,
     host_name,
     response_framing,
@@ -70,7 +76,7 @@ class Exchange:
     """One request, from its parsed head to the last byte of its response (see exchange.pxd)."""
 
     __slots__ = (
-        "attempts", "binding", "cflow", "client", "connect_task", "deadline", "done", "dp", "endpoint", "framing",
+        "attempts", "binding", "cflow", "client", "conn", "connect_task", "deadline", "done", "dp", "endpoint", "framing",
         "keep_alive", "kept", "kept_bytes", "pending", "pending_bytes", "replayable", "req",
         "req_done", "resp_done", "resp_started", "route", "stage", "status", "tried",
         "transport", "tunnel", "up", "up_head", "up_until_close", "upgrading", "out",
@@ -82,9 +88,10 @@ class Exchange:
         self.dp = dp
         self.req = req
         self.transport: Any = client.transport
+        self.conn: ConnectionInfo = client.info
         self.cflow: FlowControl = client.flow  # the client side's flow control
         # Loop time the current phase must end by (connect, read); 0: none.
-        self.deadline = dp.now + dp.settings.read_timeout
+        self.deadline = dp.now + dp.read_timeout
         self.out: list[bytes] = []  # bytes for the client, written once per upstream read
         self.up_buf: list[bytes] = []  # bytes for the upstream, written once per client read
         self.route: Route | None = None
@@ -117,7 +124,10 @@ class Exchange:
 
     @property
     def client_ip(self) -> str:
-        return self.client.client_ip  # type: ignore[no-any-return]
+        xff = self.req.xff
+        if xff is not None and self.conn.trusted:  # the address the trusted proxy saw
+            return xff.rpartition(b",")[2].strip().decode("latin-1")
+        return self.conn.client_ip
 
     @property
     def path(self) -> str:
@@ -131,7 +141,6 @@ class Exchange:
     def start(self) -> None:
         req = self.req
         dp = self.dp
-        client = self.client
         authority = req.authority
         name = dp.host_names.get(authority)  # a memo of the authorities already checked
         if name is None:
@@ -148,7 +157,7 @@ class Exchange:
         if route is None:
             self.respond_local(404, error_body(404))
             return
-        if route.ssl_redirect and client.scheme == b"http":
+        if route.ssl_redirect and self.conn.scheme == b"http":
             location = b"https://" + name.encode() + req.origin_target()
             self.respond_local(308, b"", extra=[(b"Location", location)])
             return
@@ -158,9 +167,7 @@ class Exchange:
             return
         self.binding = binding
         self.up_head = upstream_request_head(
-            req, client.peer_ip, client.client_ip_bytes, client.trusted_peer, client.scheme,
-            client.port, None if req.has_request_id else dp.request_id(),
-        )  # fmt: skip
+            req, self.conn, None if req.has_request_id else dp.request_id())
         if req.expect_continue and (req.chunked or req.content_length > 0) and not req.http10:
             self.out.append(CONTINUE)
         if req.websocket:
@@ -175,7 +182,7 @@ class Exchange:
         dp = self.dp
         registry = dp.registry
         endpoint = binding.pick(self, dp.now, registry.ejected_count, registry.ejection_epoch,
-                                dp.settings.outlier.panic_threshold_percent, self.tried)  # fmt: skip
+                                dp.panic_percent, self.tried)  # fmt: skip
         if endpoint is None:
             # No endpoint at all is 503; none left to retry on, after a failure, 502.
             status = 503 if self.tried is None else 502
@@ -190,7 +197,7 @@ class Exchange:
             self.attach(conn)
             return
         self.stage = NOTHING_SENT
-        self.deadline = dp.now + dp.settings.connect_timeout
+        self.deadline = dp.now + dp.connect_timeout
         self.connect_task = dp.loop.create_task(self.connect(endpoint, binding))
 
     # -- phase: connect ----------------------------------------------------------------
@@ -219,7 +226,7 @@ class Exchange:
         self.up = conn
         conn.begin(self, self.req.method == b"HEAD")
         self.stage = REQUEST_SENT
-        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.read_timeout
         buf = self.up_buf
         buf.append(self.up_head)
         if self.pending:
@@ -228,7 +235,7 @@ class Exchange:
                 self.kept.extend(self.pending)
             self.pending = []
             self.pending_bytes = 0
-            self.cflow.resume(flow.BODY_BUFFERED)
+            self.cflow.resume(BODY_BUFFERED)
 
     def request_body(self, data: bytes) -> None:
         if self.discarding:
@@ -240,7 +247,7 @@ class Exchange:
     def _body_piece(self, data: bytes) -> None:
         if self.up is not None:
             self.up_buf.append(data)
-            self.deadline = self.dp.now + self.dp.settings.read_timeout
+            self.deadline = self.dp.now + self.dp.read_timeout
             kept = self.kept
             if kept is not None:
                 self.kept_bytes += len(data)
@@ -255,7 +262,7 @@ class Exchange:
             self.pending.append(data)
             self.pending_bytes += len(data)
             if self.pending_bytes > PENDING_BODY_HIGH_WATER:
-                self.cflow.pause(flow.BODY_BUFFERED)
+                self.cflow.pause(BODY_BUFFERED)
 
     def request_end(self) -> None:
         self.req_done = True
@@ -302,7 +309,7 @@ class Exchange:
         if framing == CHUNKED:
             line += b"Transfer-Encoding: chunked\r\n"
         route = self.route
-        if route is not None and route.hsts is not None and self.client.scheme == b"https":
+        if route is not None and route.hsts is not None and self.conn.scheme == b"https":
             line += route.hsts  # RFC 6797: only over a secure transport
         if not self.keep_alive:
             line += b"Connection: close\r\n\r\n"
@@ -311,7 +318,7 @@ class Exchange:
         else:
             line += b"\r\n"
         self.out.append(line)
-        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.read_timeout
 
     def response_body(self, data: bytes) -> None:
         if self.framing == CHUNKED:
@@ -320,7 +327,7 @@ class Exchange:
             self.out.append(data)
 
     def response_flush(self) -> None:
-        self.deadline = self.dp.now + self.dp.settings.read_timeout
+        self.deadline = self.dp.now + self.dp.read_timeout
         self.flush_client()
 
     def response_end(self, conn: UpstreamConnection) -> None:
@@ -329,7 +336,7 @@ class Exchange:
             self.out.append(b"0\r\n\r\n")
         self.resp_done = True
         self.up = None
-        conn.flow.resume(flow.DOWNSTREAM_FULL)
+        conn.flow.resume(DOWNSTREAM_FULL)
         if self.req_done:
             self.dp.pool.put(conn, self.dp.now)
         else:
@@ -466,17 +473,17 @@ class Exchange:
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
-            self.cflow.pause(flow.UPSTREAM_FULL)
+            self.cflow.pause(UPSTREAM_FULL)
         else:
-            self.cflow.resume(flow.UPSTREAM_FULL)
+            self.cflow.resume(UPSTREAM_FULL)
 
     def client_write_paused(self, paused: bool) -> None:
         up = self.up
         if up is not None:
             if paused:
-                up.flow.pause(flow.DOWNSTREAM_FULL)
+                up.flow.pause(DOWNSTREAM_FULL)
             else:
-                up.flow.resume(flow.DOWNSTREAM_FULL)
+                up.flow.resume(DOWNSTREAM_FULL)
 
     # -- WebSocket -------------------------------------------------------------------------
 
@@ -529,7 +536,7 @@ class Exchange:
         self.pending = []
         self.pending_bytes = 0
         self.kept = None
-        self.cflow.resume(flow.EXCHANGE_REASONS)
+        self.cflow.resume(EXCHANGE_REASONS)
 
     def finish(self) -> None:
         """The exchange is over: count it, release what it held, hand the connection back."""
@@ -538,7 +545,7 @@ class Exchange:
         self.done = True
         self.flush_client()
         self.dp.status_counts[self.status] += 1
-        self.cflow.resume(flow.EXCHANGE_REASONS)
+        self.cflow.resume(EXCHANGE_REASONS)
         self.client.exchange_done(self, self.keep_alive and self.req_done)
 
     def finish_aborted(self) -> None:

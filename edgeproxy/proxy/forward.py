@@ -9,13 +9,13 @@ from what the codec parsed: the upstream never sees the client's own framing lin
 from __future__ import annotations
 
 from edgeproxy.proxy.headers import PLAIN_CONNECTION_TOKENS, REQUEST_DROP, join_bytes
-from edgeproxy.proxy.message import BODY_METHODS, RequestHead
+from edgeproxy.proxy.message import BODY_METHODS, ConnectionInfo, RequestHead
 
 
-def upstream_request_head(req: RequestHead, peer_ip: bytes, real_ip: bytes, trusted: bool,
-                          scheme: bytes, port: bytes, request_id: bytes | None) -> bytes:  # fmt: skip
-    """`peer_ip`: the socket's peer; `real_ip`: the client as edgeproxy believes it (client_ip);
-    `request_id`: the X-Request-ID to add when the client sent none."""
+def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: bytes | None) -> bytes:
+    """`request_id`: the X-Request-ID to add when the client sent none."""
+    peer_ip = conn.peer_ip
+    real_ip = conn.client_ip_bytes
     method = req.method
     authority = req.authority
     # Always HTTP/1.1 upstream (pooled keep-alive); an HTTP/1.0 client gets its response
@@ -35,10 +35,11 @@ def upstream_request_head(req: RequestHead, peer_ip: bytes, real_ip: bytes, trus
     else:
         parts += req.fwd
     forwarded_for = peer_ip
-    proto = scheme
-    if trusted:  # --trusted-proxies: their forwarding fields are kept and appended to
+    proto = conn.scheme
+    if conn.trusted:  # --trusted-proxies: their forwarding fields are kept and appended to
         if req.xff is not None:
             forwarded_for = req.xff + b", " + peer_ip
+            real_ip = req.x_real_ip or req.xff.rpartition(b",")[2].strip()
         if req.xf_proto is not None:
             proto = req.xf_proto
         if req.forwarded is not None:
@@ -46,7 +47,7 @@ def upstream_request_head(req: RequestHead, peer_ip: bytes, real_ip: bytes, trus
     if authority:
         parts += (b"X-Forwarded-Host: ", authority, b"\r\n")
     parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
-              b"\r\nX-Forwarded-Port: ", port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
+              b"\r\nX-Forwarded-Port: ", conn.port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
     if request_id is not None:
         parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if req.chunked:

@@ -5,20 +5,20 @@
 from edgeproxy.proxy.dataplane cimport Dataplane
 from edgeproxy.proxy.exchange cimport Exchange
 from edgeproxy.proxy.flow cimport FlowControl
-from edgeproxy.proxy.message cimport RequestHead
+from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
 cdef class ClientConnection:
     cdef public Dataplane dp
-    cdef public bytes scheme, port, client_ip_bytes, peer_ip
-    cdef public str client_ip
+    cdef public bytes scheme, port
+    cdef public ConnectionInfo info
     cdef public object transport, queued, tunnel, upgrade_rest, backlog
     cdef public FlowControl flow
     cdef public object parser
     cdef public double deadline
     cdef public Exchange exchange
     cdef public RequestHead parsing
-    cdef public bint parsing_queued, replaying, in_head, closed, eof, write_paused, trusted_peer
+    cdef public bint parsing_queued, replaying, in_head, closed, eof, write_paused
     cdef public bint feeding, continuation
     cdef public Py_ssize_t head_fed, body_received, lingering
 

@@ -33,7 +33,7 @@ from edgeproxy.proxy.dataplane import Dataplane
 from edgeproxy.proxy.exchange import Exchange
 from edgeproxy.proxy.flow import FlowControl
 from edgeproxy.proxy.local import error_response
-from edgeproxy.proxy.message import ClientProtocolError, RequestHead
+from edgeproxy.proxy.message import ClientProtocolError, ConnectionInfo, RequestHead
 
 HEAD_EVENT, BODY_EVENT, END_EVENT, ERROR_EVENT = range(4)
 MAX_UPGRADE_REST = 64 * 1024  # bytes sent after an upgrade request before the 101 arrives
@@ -54,9 +54,9 @@ class ClientConnection:
     uvloop only call its methods)."""
 
     __slots__ = (
-        "body_received", "client_ip", "client_ip_bytes", "closed", "deadline", "dp", "eof", "exchange", "flow",
-        "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "peer_ip", "port",
-        "queued", "replaying", "scheme", "transport", "trusted_peer", "tunnel", "upgrade_rest",
+        "body_received", "closed", "deadline", "dp", "eof", "exchange", "flow", "info",
+        "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "port",
+        "queued", "replaying", "scheme", "transport", "tunnel", "upgrade_rest",
         "write_paused",
     )  # fmt: skip
 
@@ -67,10 +67,7 @@ class ClientConnection:
         self.transport: Any = None
         self.flow = FlowControl(None)
         self.parser = HttpRequestParser(self)
-        self.client_ip = ""
-        self.client_ip_bytes = b""
-        self.peer_ip = b""
-        self.trusted_peer = False
+        self.info = ConnectionInfo(scheme, port, "", False)
         self.deadline = 0.0
         self.exchange: Exchange | None = None
         self.parsing: RequestHead = NO_REQUEST  # replaced at each message's first byte
@@ -96,12 +93,13 @@ class ClientConnection:
         self.transport = transport
         self.flow = FlowControl(transport)
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        self.client_ip_bytes = self.peer_ip = self.client_ip.encode()
+        client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        trusted = False
         proxies = self.dp.settings.trusted_proxies
         if proxies:
-            ip = ipaddress.ip_address(self.client_ip)
-            self.trusted_peer = any(ip in net for net in proxies)
+            ip = ipaddress.ip_address(client_ip)
+            trusted = any(ip in net for net in proxies)
+        self.info = ConnectionInfo(self.scheme, self.port, client_ip, trusted)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             try:

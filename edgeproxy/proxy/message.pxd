@@ -1,8 +1,13 @@
 # Cython declarations for message.py (pure-Python mode): compiled, RequestHead is an extension
 # type whose fields the codec and the exchange read as C struct members.
 
+cdef class ConnectionInfo:
+    cdef public bytes client_ip_bytes, peer_ip, port, scheme
+    cdef public str client_ip
+    cdef public bint trusted
+
 cdef class RequestHead:
-    cdef public bytes authority, method, query, target
+    cdef public bytes authority, method, origin, query, target
     cdef public object te, upgrade, xff, xf_proto, forwarded, x_real_ip, host_header, conn_tokens
     cdef public bint body_after_upgrade, chunked, expect_continue, has_request_id, http10
     cdef public bint keep_alive, websocket

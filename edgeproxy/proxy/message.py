@@ -35,6 +35,20 @@ class ClientProtocolError(Exception):
         self.status = status
 
 
+class ConnectionInfo:
+    """What a request's exchange needs to know of the connection it came on; set once per
+    connection (the listener's scheme and port, the peer, whether it is a trusted proxy)."""
+
+    __slots__ = ("client_ip", "client_ip_bytes", "peer_ip", "port", "scheme", "trusted")
+
+    def __init__(self, scheme: bytes, port: bytes, peer: str, trusted: bool) -> None:
+        self.scheme = scheme
+        self.port = port
+        self.client_ip = peer  # the client as edgeproxy believes it (balancers' client-ip)
+        self.client_ip_bytes = self.peer_ip = peer.encode()
+        self.trusted = trusted
+
+
 class RequestHead:
     """A request as parsed. `fwd` holds the end-to-end lines to forward as received; the
     fields edgeproxy reads (headers.SPECIAL_FIELDS) are kept apart and written by forward.py."""
@@ -42,7 +56,7 @@ class RequestHead:
     __slots__ = (
         "authority", "chunked", "conn_tokens", "content_length", "expect_continue", "fields",
         "body_after_upgrade", "forwarded", "fwd", "has_request_id", "host_count", "host_header", "http10", "keep_alive",
-        "method", "path", "query", "size", "target", "te", "upgrade", "websocket", "xf_proto",
+        "method", "origin", "path", "query", "size", "target", "te", "upgrade", "websocket", "xf_proto",
         "xff", "x_real_ip",
     )  # fmt: skip
 
@@ -72,6 +86,7 @@ class RequestHead:
         self.authority = b""
         self.path = "/"
         self.query = b""
+        self.origin = b"/"  # the target for the upstream (origin_target)
 
     def add_field(self, name: bytes, value: bytes) -> None:
         self.fields.append((name, value))
@@ -165,6 +180,7 @@ class RequestHead:
                 if self.method != b"OPTIONS":
                     raise ClientProtocolError(400, "asterisk-form is for OPTIONS only (RFC 9112 3.2.4)")
                 self.path = "*"
+                self.origin = b"*"
                 self.authority = authority
                 return
             try:
@@ -186,12 +202,16 @@ class RequestHead:
         except UnicodeDecodeError:
             raise ClientProtocolError(400, "request target is not ASCII") from None
         if "/." in path or "%" in path:
-            path = normalize_path(path)
+            normalized = normalize_path(path)
+            if normalized != path:
+                path = normalized
+                target = path.encode("ascii") + self.query
         self.path = path
+        self.origin = target
 
     def origin_target(self) -> bytes:
         """The target for the upstream: the normalized path and the query as received."""
-        return self.path.encode("ascii") + self.query
+        return self.origin
 
 
 def normalize_path(path: str) -> str:
