@@ -17,6 +17,8 @@ HOT_PATH = [
     "edgeproxy/proxy/flow.py",
     "edgeproxy/proxy/message.py",
     "edgeproxy/proxy/http1_client.py",
+    "edgeproxy/proxy/pool.py",
+    "edgeproxy/proxy/forward.py",
     "edgeproxy/proxy/binding.py",
     "edgeproxy/proxy/dataplane.py",
     "edgeproxy/proxy/exchange.py",

@@ -18,7 +18,7 @@ def compiled_modules() -> list[str]:
     """The modules setup.py compiles (besides _heads.pyx)."""
     return ["edgeproxy.hosts", "edgeproxy.balancing"] + [
         f"edgeproxy.proxy.{name}" for name in (
-            "flow", "message", "http1_client", "binding", "dataplane", "exchange", "http1_server")
+            "flow", "message", "http1_client", "pool", "forward", "binding", "dataplane", "exchange", "http1_server")
     ]  # fmt: skip
 
 

@@ -45,8 +45,6 @@ class ClusterBinding:
              panic_percent: float, tried: list[EndpointState] | None) -> EndpointState | None:  # fmt: skip
         """An endpoint for this request, honouring ejection, panic mode and endpoints tried."""
         balancer = self.balancer
-        if not ejected_anywhere and tried is None:
-            return balancer.pick(request)  # type: ignore[no-any-return]
         if self.outlier is not None:
             panic_percent = self.outlier.panic_threshold_percent
         hosts = self.hosts

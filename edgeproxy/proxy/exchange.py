@@ -44,7 +44,7 @@ from edgeproxy.proxy.message import (
     host_name,
     response_framing,
 )
-from edgeproxy.proxy.pool import UpstreamPool
+from edgeproxy.proxy.pool import take_idle
 from edgeproxy.routing import Route
 
 GATEWAY_FAILURE_STATUSES = frozenset({502, 503, 504})
@@ -181,8 +181,11 @@ class Exchange:
         assert binding is not None
         dp = self.dp
         registry = dp.registry
-        endpoint = binding.pick(self, dp.now, registry.ejected_count, registry.ejection_epoch,
-                                dp.panic_percent, self.tried)  # fmt: skip
+        if not registry.ejected_count and self.tried is None:
+            endpoint = binding.balancer.pick(self)  # nothing to avoid: no accept check
+        else:
+            endpoint = binding.pick(self, dp.now, registry.ejected_count, registry.ejection_epoch,
+                                    dp.panic_percent, self.tried)  # fmt: skip
         if endpoint is None:
             # No endpoint at all is 503; none left to retry on, after a failure, 502.
             status = 503 if self.tried is None else 502
@@ -192,7 +195,7 @@ class Exchange:
         self.endpoint = endpoint
         endpoint.in_flight += 1
         endpoint.requests += 1
-        conn = UpstreamPool.take(binding.pools.get(endpoint))
+        conn = take_idle(binding.pools.get(endpoint))
         if conn is not None:
             self.attach(conn)
             return

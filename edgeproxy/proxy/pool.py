@@ -22,6 +22,16 @@ from edgeproxy.routing import TransportProfile
 PoolKey = tuple[EndpointKey, TransportProfile]
 
 
+def take_idle(idle: list[UpstreamConnection] | None) -> UpstreamConnection | None:
+    """A pooled connection of this list (ClusterBinding.pools) that is still open, or None."""
+    while idle:
+        conn: UpstreamConnection = idle.pop()
+        if not conn.closed:
+            conn.reused = True
+            return conn
+    return None
+
+
 class UpstreamPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int) -> None:
         self.loop = loop
@@ -37,15 +47,6 @@ class UpstreamPool:
             idle = self.idle[(key, profile)] = []
         return idle
 
-    @staticmethod
-    def take(idle: list[UpstreamConnection] | None) -> UpstreamConnection | None:
-        """A pooled connection of this list that is still open, or None."""
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
-        return None
 
     def put(self, conn: UpstreamConnection, now: float) -> None:
         """Keep a connection whose response ended cleanly, or close it."""

@@ -1,0 +1,12 @@
+from edgeproxy.proxy.http1_client cimport UpstreamConnection
+
+
+cpdef UpstreamConnection take_idle(list idle)
+
+
+cdef class UpstreamPool:
+    cdef public object loop
+    cdef public Py_ssize_t max_idle, connects
+    cdef public dict idle
+
+    cpdef put(self, UpstreamConnection conn, double now)
