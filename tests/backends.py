@@ -31,6 +31,8 @@ class Pods:
         self.port = 0
         self.fail_with: dict[str, int] = {}  # address -> status for every request (0: reset)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: dict[asyncio.Task[None], str] = {}  # connections waiting for a request
+        self.stopping: set[str] = set()
 
     async def start(self, *addresses: str, port: int = 0) -> int:
         for address in addresses:
@@ -46,10 +48,16 @@ class Pods:
         return sum(1 for a, _ in self.requests if a == address)
 
     async def stop_address(self, address: str) -> None:
+        """As a pod that got SIGTERM: stop accepting, finish the requests in flight, close the
+        idle keep-alive connections (and each busy one after its response)."""
+        self.stopping.add(address)
         for server in list(self.servers):
             if server.sockets and server.sockets[0].getsockname()[0] == address:
                 server.close()
                 self.servers.remove(server)
+        for task, where in list(self._idle.items()):
+            if where == address:
+                task.cancel()
 
     async def close(self) -> None:
         for server in self.servers:
@@ -65,8 +73,12 @@ class Pods:
         self._tasks.add(task)
         self.connections[address] = self.connections.get(address, 0) + 1
         try:
-            while True:
-                msg = await read_head(reader)
+            while address not in self.stopping:
+                self._idle[task] = address
+                try:
+                    msg = await read_head(reader)
+                finally:
+                    self._idle.pop(task, None)
                 if msg is None:
                     break
                 self.requests.append((address, msg))

@@ -90,12 +90,10 @@ async def test_readyz_waits_for_the_first_list_of_every_kind(tmp_path: Path, pod
     proxy = EdgeProxy(None, tmp_path / "late.log")
     await proxy.start("--kubeconfig", str(kubeconfig), wait_ready=False)
     try:
-        for _ in range(20):
-            await asyncio.sleep(0.05)
-            try:
-                assert (await fetch(proxy.admin, "GET", "/readyz")).status == 503
-            except OSError:
-                pass  # the admin listener is not up yet
+        # Up (healthz answers) and already failed to reach the API server: not ready, surely.
+        await eventually(lambda: _healthz(proxy), timeout=20)
+        await eventually(lambda: _logged(proxy, "retrying in"), timeout=20)
+        assert (await fetch(proxy.admin, "GET", "/readyz")).status == 503
         await late.apply(*simple_site(port, "127.0.0.2"))
         await late.start(late_port)
         await eventually(lambda: _readyz(proxy), timeout=20)
@@ -103,6 +101,17 @@ async def test_readyz_waits_for_the_first_list_of_every_kind(tmp_path: Path, pod
     finally:
         await proxy.stop()
         await late.stop()
+
+
+async def _healthz(proxy: EdgeProxy) -> bool:
+    try:
+        return (await fetch(proxy.admin, "GET", "/healthz")).status == 200
+    except OSError:
+        return False
+
+
+async def _logged(proxy: EdgeProxy, text: str) -> bool:
+    return text in proxy.log()
 
 
 async def _readyz(proxy: EdgeProxy) -> bool:
@@ -150,18 +159,25 @@ async def served(proxy: EdgeProxy) -> set[str]:
 
 
 async def test_rewatch_answered_http_410_lists_again(pods: Pods, tmp_path: Path) -> None:
-    api = FakeApiServer(gone_as_event=False)
+    api = FakeApiServer(gone_as_event=False)  # 410 as the HTTP status of the re-watch
     await api.start()
-    port = await pods.start("127.0.0.2", "127.0.0.3")
+    port = await pods.start("127.0.0.2")
     await api.apply(*simple_site(port, "127.0.0.2"))
+    await api.apply(k8s.ingress("old", [("old.example.com", [k8s.path("/", "web")])]))
     kubeconfig = tmp_path / "kc.yaml"
     kubeconfig.write_text(api.kubeconfig())
     proxy = await EdgeProxy(None, tmp_path / "p.log").start("--kubeconfig", str(kubeconfig))
     try:
-        await api.end_watches()
-        api.compact()
-        await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
-        await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"))
+        assert await served(proxy) == {"default/old", "default/site"}
+        # The deletion's history is compacted before the watch resumes (cleanly, as after
+        # timeoutSeconds): only a fresh LIST, which the 410 calls for, can notice it.
+        api.compact_on_delete = True
+        await api.delete("Ingress", "default", "old")
+        await api.finish_watches()
+        await eventually(lambda: _is(served(proxy), {"default/site"}))
+        log = proxy.log()
+        assert "is gone; listing again" in log
+        assert "410:" not in log  # not taken for an API error and retried with backoff
     finally:
         await proxy.stop()
         await api.stop()
@@ -246,11 +262,11 @@ async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, ku
     answered: list[str] = []
     stop = asyncio.Event()
 
-    async def client_loop() -> None:
+    async def client_loop(method: str) -> None:
         client = await Client.connect(proxy.http)
         while not stop.is_set():
-            try:
-                resp = await client.request("GET", "/")
+            try:  # POSTs too: a pod that leaves must not cost a non-idempotent request either
+                resp = await client.request(method, "/", body=b"order" if method == "POST" else None)
             except (OSError, ConnectionError) as exc:
                 failures.append(repr(exc))
                 client = await Client.connect(proxy.http)
@@ -261,7 +277,7 @@ async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, ku
                 answered.append(json.loads(resp.body)["pod"])
         await client.close()
 
-    clients = [asyncio.create_task(client_loop()) for _ in range(4)]
+    clients = [asyncio.create_task(client_loop(m)) for m in ("GET", "POST", "GET", "POST")]
     await asyncio.sleep(0.3)
     for gone, fresh in zip(old, new, strict=True):
         conditions[fresh] = {"ready": False}  # the new pod is scheduled, not ready yet
@@ -279,7 +295,7 @@ async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, ku
         del conditions[gone]
         await api.apply(slice_now())
         await asyncio.sleep(0.05)
-        await servers[gone].stop_address(gone)  # stops accepting; requests in flight finish
+        await servers[gone].stop_address(gone)  # the pod really stops: listener and connections
         await asyncio.sleep(0.2)
     answered.clear()
     await asyncio.sleep(0.5)
@@ -287,6 +303,7 @@ async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, ku
     await asyncio.gather(*clients)
     assert failures == []
     assert answered and set(answered) <= set(new)
+    assert all(servers[a].connections.get(a) for a in old)  # the old pods did serve before
     for server in servers.values():
         await server.close()
 
