@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeproxy.balancing import BUILTIN, choose  # noqa: E402
-from edgeproxy.health import EndpointState  # noqa: E402
+from edgeproxy.balancing import BUILTIN  # noqa: E402
+from edgeproxy.hosts import EndpointState  # noqa: E402
+from edgeproxy.proxy.binding import ClusterBinding  # noqa: E402
 from edgeproxy.routing import Cluster  # noqa: E402
 
 
@@ -50,11 +51,11 @@ def main() -> int:
         for n in (10, 1000):
             hosts = [EndpointState((f"10.0.{i // 250}.{i % 250}", 8080)) for i in range(n)]
             balancer = factory(hosts, {})
-            cluster = Cluster("bench", tuple(h.key for h in hosts))
-            cluster.hosts, cluster.balancer = tuple(hosts), balancer
+            cluster = Cluster("bench", tuple(h.key for h in hosts), balancer_name=name)
+            binding = ClusterBinding(cluster, cluster.keys, tuple(hosts), BUILTIN, None)
             fast = per_pick_us(lambda b=balancer: b.pick(request), args.picks)
             hosts[3].ejected_until = 1e12
-            slow = per_pick_us(lambda c=cluster: choose(c, request, 0.0, 1, 50.0, None, 7), args.picks // 10)  # fmt: skip
+            slow = per_pick_us(lambda c=binding: c.pick(request, 0.0, 1, 7, 50.0, None), args.picks // 10)  # fmt: skip
             hosts[3].ejected_until = 0.0
             print(f"{name:12s} {n:9d} {fast:8.2f} {slow:22.2f}")
     return 0

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Python cost of one proxied exchange, without sockets: request in, response back, per exchange.
 
-Drives DownstreamProtocol and a pooled UpstreamConnection with transports that only count
-bytes, so the figure is the interpreter's share of the hot path (the kernel's is not in it).
+Drives a ClientConnection (http1_server) and a pooled UpstreamConnection (http1_client) with
+transports that only count bytes, so the figure is the interpreter's share of the hot path (the kernel's is not in it).
 
     python benchmarks/hot_path.py [--exchanges 200000] [--profile] [--opcodes] [--browser]
                                   [--ingresses N]
@@ -25,14 +25,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeproxy.proxy.downstream import DownstreamProtocol
-from edgeproxy.proxy.upstream import UpstreamConnection
-
 from edgeproxy.balancing import load_balancers
 from edgeproxy.compile import compile_routes
 from edgeproxy.config import Settings
 from edgeproxy.objects import ObjectStore
+from edgeproxy.proxy import compiled
 from edgeproxy.proxy.dataplane import Dataplane
+from edgeproxy.proxy.http1_client import UpstreamConnection
+from edgeproxy.proxy.http1_server import ClientConnection
 
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nUser-Agent: wrk\r\n\r\n"
 BROWSER_REQUEST = (
@@ -114,12 +114,14 @@ def main() -> int:
     ]  # fmt: skip
     store.replace("bench", objects() + filler)
     dp.publish(compile_routes(store.snapshot()).table)
-    state = next(iter(dp.registry.states.values()))
-    upstream = UpstreamConnection(state)
+    binding = next(b for b in dp.bindings.values() if b.cluster.name.startswith("b/api"))
+    state = binding.hosts[0]
+    idle = binding.pools[state]
+    upstream = UpstreamConnection(state, (state.key, binding.profile), idle)
     up_transport = CountingTransport()
     upstream.connection_made(up_transport)
-    state.idle.append(upstream)
-    client = DownstreamProtocol(dp, b"http", b"80")
+    idle.append(upstream)
+    client = ClientConnection(dp, b"http", b"80")
     down_transport = CountingTransport()
     client.connection_made(down_transport)
 
@@ -157,6 +159,7 @@ def main() -> int:
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    print(f"build: {'compiled' if compiled() else 'pure Python'}")
     print(f"{elapsed / args.exchanges * 1e6:.2f} us of Python per exchange "
           f"({args.exchanges} exchanges, {down_transport.writes / (args.exchanges + 1000):.2f} "
           f"client writes and {up_transport.writes / (args.exchanges + 1000):.2f} upstream writes each)")  # fmt: skip

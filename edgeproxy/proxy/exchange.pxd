@@ -2,20 +2,42 @@
 # extension type; the phases call each other and the upstream connection as C calls. The
 # client connection is reached as a Python object (http1_server imports this module).
 
+cimport cython
+
 from edgeproxy.hosts cimport EndpointState
 from edgeproxy.proxy.binding cimport ClusterBinding
 from edgeproxy.proxy.dataplane cimport Dataplane
 from edgeproxy.proxy.flow cimport FlowControl
-from edgeproxy.proxy.http1_client cimport ResponseHead, UpstreamConnection
-from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
+from edgeproxy.proxy.forward cimport upstream_request_head
+from edgeproxy.proxy.http1_client cimport ResponseHead, ResponseReceiver, UpstreamConnection
+from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead, host_name, response_framing
+from edgeproxy.proxy.pool cimport take_idle
 
 
-cdef class Exchange:
-    cdef public object client, transport, route, connect_task, tried, kept, tunnel
+cdef class Exchange
+
+
+cdef class Downstream:
+    cdef public object transport
+    cdef public FlowControl flow
+    cdef public ConnectionInfo info
+    cdef public bint closed
+
+    cpdef exchange_done(self, Exchange exchange, bint keep_alive)
+    cpdef write(self, bytes data)
+    cpdef close(self)
+    cpdef abort(self)
+    cpdef upgrade_refused(self)
+    cpdef bytes start_tunnel(self, object tunnel)
+
+
+cdef class Exchange(ResponseReceiver):
+    cdef public Downstream client
+    cdef public object transport, route, connect_task, tried, kept, tunnel, pending
     cdef public Dataplane dp
     cdef public RequestHead req
     cdef public ConnectionInfo conn
-    cdef public list out, up_buf, pending
+    cdef public list out, up_buf
     cdef public ClusterBinding binding
     cdef public FlowControl cflow
     cdef public double deadline
@@ -33,20 +55,13 @@ cdef class Exchange:
     cdef _body_piece(self, bytes data)
     cpdef request_end(self)
     cpdef flush_upstream(self)
-    cpdef response_informational(self, ResponseHead head)
-    cpdef response_head(self, ResponseHead head)
-    cpdef response_body(self, bytes data)
-    cpdef response_flush(self)
-    cpdef response_end(self, UpstreamConnection conn)
     cpdef flush_client(self)
-    cpdef upstream_lost(self, UpstreamConnection conn, object exc)
     cpdef fail(self, Py_ssize_t stage, str reason, bint timeout, bint blame=*)
     cdef _record_failure(self, EndpointState endpoint)
     cpdef _release_endpoint(self)
     cpdef deadline_passed(self)
     cpdef client_lost(self)
     cdef _abort_upstream(self)
-    cpdef upstream_write_paused(self, bint paused)
     cpdef client_write_paused(self, bint paused)
     cpdef respond_local(self, Py_ssize_t status, bytes body, list extra=*)
     cdef _discard_rest(self)

@@ -1,4 +1,8 @@
+cimport cython
+
 from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
+@cython.locals(parts=list, method=bytes, authority=bytes, peer_ip=bytes, real_ip=bytes,
+               forwarded_for=bytes, proto=bytes, lname=bytes)
 cpdef bytes upstream_request_head(RequestHead req, ConnectionInfo conn, object request_id)

@@ -12,18 +12,35 @@ cdef class ResponseHead:
     cdef public object content_length
     cdef public bint chunked
 
+cdef class UpstreamConnection
+
+
+cdef class ResponseReceiver:
+    cpdef response_informational(self, ResponseHead head)
+    cpdef response_head(self, ResponseHead head)
+    cpdef response_body(self, bytes data)
+    cpdef response_flush(self)
+    cpdef response_end(self, UpstreamConnection conn)
+    cpdef upstream_lost(self, UpstreamConnection conn, object exc)
+    cpdef upstream_upgraded(self, bytes rest)
+    cpdef tunnel_data(self, bytes data)
+    cpdef tunnel_eof(self)
+    cpdef upstream_write_paused(self, bint paused)
+
+
 cdef class UpstreamConnection:
     cdef public EndpointState endpoint
     cdef public tuple pool_key
     cdef public list idle_list
-    cdef public object transport, parser, receiver
+    cdef public object transport, parser
+    cdef public ResponseReceiver receiver
     cdef public FlowControl flow
     cdef public ResponseHead switching
     cdef public bytes raw
     cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done, eof
     cdef public double idle_since
 
-    cpdef begin(self, object receiver, bint skip_body)
+    cpdef begin(self, ResponseReceiver receiver, bint skip_body)
     cpdef write(self, bytes data)
     cpdef close(self)
     cpdef abort(self)

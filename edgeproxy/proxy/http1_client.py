@@ -7,10 +7,8 @@ Bytes past the end of the framed response are the upstream's error, not the clie
 response: they make the connection unusable, and it is closed instead of pooled (nginx reads
 exactly the framed length too).
 
-The connection reports to its `receiver` (the exchange using it, or None while pooled):
-response_informational(head), response_head(head), response_body(data), response_end(),
-response_flush(), upstream_lost(exc), upstream_upgraded(rest), tunnel_data(data),
-tunnel_eof(), upstream_write_paused(paused).
+The connection reports to its `receiver` (ResponseReceiver: the exchange using it, or None
+while pooled).
 """
 
 from __future__ import annotations
@@ -47,6 +45,42 @@ class SurplusResponse(Exception):
     """The upstream sent bytes past the end of the framed response."""
 
 
+class ResponseReceiver:
+    """What an UpstreamConnection reports to: the exchange using it (exchange.Exchange). A base
+    class here, so that the connection calls it as C calls when compiled while the import graph
+    stays one-way (exchange -> http1_client)."""
+
+    def response_informational(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def response_flush(self) -> None:
+        raise NotImplementedError
+
+    def response_end(self, conn: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def tunnel_eof(self) -> None:
+        raise NotImplementedError
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        raise NotImplementedError
+
+
 class UpstreamConnection:
     """asyncio protocol of one connection to an endpoint (compiled: an extension type)."""
 
@@ -63,7 +97,7 @@ class UpstreamConnection:
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl = FlowControl(None)
         self.parser = HttpResponseParser(self)
-        self.receiver: Any = None
+        self.receiver: ResponseReceiver | None = None
         self.raw = b""  # bytes of the current head not yet consumed
         self.in_head = True
         self.received = False  # any byte of the current response
@@ -149,6 +183,7 @@ class UpstreamConnection:
 
     def on_headers_complete(self) -> None:
         receiver = self.receiver
+        assert receiver is not None  # parsing happens only while an exchange uses it
         # llhttp insists on CRLF line ends, so the head ends at the first CRLFCRLF.
         fields, _, rest = self.raw.partition(b"\r\n\r\n")
         status = self.parser.get_status_code()
@@ -174,8 +209,9 @@ class UpstreamConnection:
             self.done = True
 
     def on_body(self, body: bytes) -> None:
-        if not self.done:
-            self.receiver.response_body(body)
+        receiver = self.receiver
+        if receiver is not None and not self.done:
+            receiver.response_body(body)
 
     def on_message_complete(self) -> None:
         if not self.in_head:
@@ -190,7 +226,7 @@ class UpstreamConnection:
 
     # -- used by the exchange and the pool --------------------------------------------
 
-    def begin(self, receiver: Any, skip_body: bool) -> None:
+    def begin(self, receiver: ResponseReceiver, skip_body: bool) -> None:
         self.receiver = receiver
         self.received = False
         self.in_head = True

@@ -3,22 +3,20 @@
 # exchange as C calls.
 
 from edgeproxy.proxy.dataplane cimport Dataplane
-from edgeproxy.proxy.exchange cimport Exchange
+from edgeproxy.proxy.exchange cimport Downstream, Exchange
 from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
-cdef class ClientConnection:
+cdef class ClientConnection(Downstream):
     cdef public Dataplane dp
     cdef public bytes scheme, port
-    cdef public ConnectionInfo info
-    cdef public object transport, queued, tunnel, upgrade_rest, backlog
-    cdef public FlowControl flow
+    cdef public object queued, tunnel, upgrade_rest, backlog
     cdef public object parser
     cdef public double deadline
     cdef public Exchange exchange
     cdef public RequestHead parsing
-    cdef public bint parsing_queued, replaying, in_head, closed, eof, write_paused
+    cdef public bint parsing_queued, replaying, in_head, eof, write_paused
     cdef public bint feeding, continuation
     cdef public Py_ssize_t head_fed, body_received, lingering
 
@@ -30,13 +28,7 @@ cdef class ClientConnection:
     cdef _start(self, RequestHead head)
     cdef _queue(self, Py_ssize_t kind, object payload)
     cdef _protocol_error(self, Py_ssize_t status)
-    cpdef exchange_done(self, Exchange exchange, bint keep_alive)
     cdef _replay(self)
     cdef _start_queued(self, list queued)
-    cpdef upgrade_refused(self)
-    cpdef bytes start_tunnel(self, object tunnel)
-    cpdef write(self, bytes data)
     cpdef _fail(self, Py_ssize_t status)
     cdef _really_close(self)
-    cpdef close(self)
-    cpdef abort(self)

@@ -30,7 +30,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from edgeproxy.proxy import flow
 from edgeproxy.proxy.dataplane import Dataplane
-from edgeproxy.proxy.exchange import Exchange
+from edgeproxy.proxy.exchange import Downstream, Exchange
 from edgeproxy.proxy.flow import FlowControl
 from edgeproxy.proxy.local import error_response
 from edgeproxy.proxy.message import ClientProtocolError, ConnectionInfo, RequestHead
@@ -49,7 +49,7 @@ LINGER_BYTES = 8 * 1024 * 1024
 NO_REQUEST = RequestHead()  # what `parsing` holds before the first request
 
 
-class ClientConnection:
+class ClientConnection(Downstream):
     """asyncio protocol of one client connection (compiled: an extension type; asyncio and
     uvloop only call its methods)."""
 
