@@ -1,6 +1,6 @@
 # Cython declarations for http1_client.py (pure-Python mode): compiled, the upstream
-# connection is an extension type; its receiver (the exchange) is called as a Python object,
-# which keeps the import graph one-way (exchange -> http1_client).
+# connection is an extension type and calls its receiver through the ResponseReceiver base
+# (C calls into the exchange, which subclasses it), keeping the imports one-way.
 
 from edgeproxy.hosts cimport EndpointState
 from edgeproxy.proxy.flow cimport FlowControl
