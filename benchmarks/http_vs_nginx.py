@@ -66,6 +66,15 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def build_of(python: str) -> str:
+    """Which edgeproxy that interpreter imports, asked from outside any checkout."""
+    return subprocess.run(
+        [python, "-c", "import edgeproxy, edgeproxy.proxy as p; "
+         "print('compiled' if p.compiled() else 'pure Python', 'from', edgeproxy.__file__)"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
 def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -209,19 +218,9 @@ def main() -> int:
     # Run from a directory without the checkout, so the installed build is what runs (a
     # checkout's source tree on sys.path would be the pure-Python modules, silently).
     edgeproxy = [args.python, "-m", "edgeproxy.cli"]
-    build = subprocess.run(
-        [args.python, "-c", "import edgeproxy, edgeproxy.proxy as p; "
-         "print('compiled' if p.compiled() else 'pure Python', 'from', edgeproxy.__file__)"],
-        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    print(f"edgeproxy build measured: {build}", flush=True)
+    print(f"edgeproxy build measured: {build_of(args.python)}", flush=True)
     if args.compare:
-        other = subprocess.run(
-            [args.compare, "-c", "import edgeproxy, edgeproxy.proxy as p; "
-             "print('compiled' if p.compiled() else 'pure Python', 'from', edgeproxy.__file__)"],
-            cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        print(f"edgeproxy-compare build: {other}", flush=True)
+        print(f"edgeproxy-compare build: {build_of(args.compare)}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-") as tmp:
         work = Path(tmp)
