@@ -8,7 +8,7 @@ from what the codec parsed: the upstream never sees the client's own framing lin
 
 from __future__ import annotations
 
-from edgeproxy.proxy.headers import PLAIN_CONNECTION_TOKENS, REQUEST_DROP, join_bytes
+from edgeproxy.proxy.headers import PLAIN_CONNECTION_TOKENS, join_bytes
 from edgeproxy.proxy.message import BODY_METHODS, ConnectionInfo, RequestHead
 
 
@@ -24,14 +24,12 @@ def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: by
              b"\r\n"]  # fmt: skip
     named = req.conn_tokens
     if named and not named <= PLAIN_CONNECTION_TOKENS:
-        # Fields the client named in Connection are hop-by-hop too (RFC 9110 7.6.1); Host is
-        # never among them (it is written above, not passed through).
-        for name, value in req.fields:
-            lname = name.lower()
-            if lname not in REQUEST_DROP and lname not in named and lname[:6] != b"proxy-":
-                parts += (name, b": ", value, b"\r\n")
-            elif lname == b"x-request-id":
-                parts += (name, b": ", value, b"\r\n")
+        # Fields the client named in Connection are hop-by-hop too (RFC 9110 7.6.1); Host and
+        # edgeproxy's own fields are never among them (they are not in fwd: written here).
+        fwd = req.fwd
+        for i in range(0, len(fwd), 4):
+            if fwd[i].lower() not in named:
+                parts += fwd[i : i + 4]
     else:
         parts += req.fwd
     forwarded_for = peer_ip

@@ -14,7 +14,7 @@ cdef class RequestHead:
     cdef public object te, upgrade, xff, xf_proto, forwarded, x_real_ip, host_header, conn_tokens
     cdef public bint body_after_upgrade, chunked, expect_continue, has_request_id, http10
     cdef public bint keep_alive, websocket
-    cdef public list fields, fwd
+    cdef public list fwd
     cdef public Py_ssize_t content_length, host_count, size
     cdef public str path
 

@@ -54,7 +54,7 @@ class RequestHead:
     fields edgeproxy reads (headers.SPECIAL_FIELDS) are kept apart and written by forward.py."""
 
     __slots__ = (
-        "authority", "chunked", "conn_tokens", "content_length", "expect_continue", "fields",
+        "authority", "chunked", "conn_tokens", "content_length", "expect_continue",
         "body_after_upgrade", "forwarded", "fwd", "has_request_id", "host_count", "host_header", "http10", "keep_alive",
         "method", "origin", "path", "query", "size", "target", "te", "upgrade", "websocket", "xf_proto",
         "xff", "x_real_ip",
@@ -64,7 +64,8 @@ class RequestHead:
         self.method = b""
         self.target = b""
         self.size = 0  # bytes of the request line and fields, for the header limit
-        self.fields: list[tuple[bytes, bytes]] = []
+        # name, b": ", value, b"\r\n" per end-to-end field, in order: the lines forwarded as
+        # received, and what header() searches (edgeproxy's own fields are kept apart).
         self.fwd: list[bytes] = []
         self.host_header: bytes | None = None
         self.host_count = 0
@@ -89,7 +90,6 @@ class RequestHead:
         self.origin = b"/"  # the target for the upstream (origin_target)
 
     def add_field(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value))
         self.size += len(name) + len(value) + 4
         lname = name.lower()
         if lname in SPECIAL_FIELDS:
@@ -118,7 +118,7 @@ class RequestHead:
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif lname == b"x-request-id":
             self.has_request_id = True
-            self.fwd.extend((b"X-Request-ID: ", value, b"\r\n"))
+            self.fwd.extend((b"X-Request-ID", b": ", value, b"\r\n"))  # four per field
         elif lname == b"x-forwarded-proto":
             self.xf_proto = value
         elif lname == b"forwarded" or lname == b"x-real-ip":
@@ -136,11 +136,12 @@ class RequestHead:
             self.upgrade = value
 
     def header(self, name: bytes) -> bytes | None:
-        """The first field of that name, case-insensitive (what balancers read)."""
+        """The first end-to-end field of that name, case-insensitive (what balancers read)."""
         name = name.lower()
-        for field_name, value in self.fields:
-            if field_name.lower() == name:
-                return value
+        fwd = self.fwd
+        for i in range(0, len(fwd), 4):
+            if fwd[i].lower() == name:
+                return fwd[i + 2]
         return None
 
     def complete(self, version: str, keep_alive: bool, max_body: int) -> None:
