@@ -22,6 +22,7 @@ cdef class Downstream:
     cdef public FlowControl flow
     cdef public ConnectionInfo info
     cdef public bint closed
+    cdef public list wbuf
 
     cpdef exchange_done(self, Exchange exchange, bint keep_alive)
     cpdef write(self, bytes data)

@@ -76,7 +76,8 @@ class Downstream:
     """What an exchange needs of the connection its request came on: http1_server's
     ClientConnection now, an HTTP/2 stream later. A base class here, so that the exchange calls
     it as C calls when compiled while the import graph stays one-way (http1_server -> exchange).
-    Subclasses set transport, flow, info and closed."""
+    Subclasses set transport, flow, info, closed and wbuf (the bytes to write at the end of
+    the current read, which the exchange appends to)."""
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
         raise NotImplementedError
@@ -117,8 +118,10 @@ class Exchange(ResponseReceiver):
         self.cflow: FlowControl = client.flow  # type: ignore[attr-defined]  # its flow control
         # Loop time the current phase must end by (connect, read); 0: none.
         self.deadline = dp.now + dp.read_timeout
-        self.out: list[bytes] = []  # bytes for the client, written once per upstream read
-        self.up_buf: list[bytes] = []  # bytes for the upstream, written once per client read
+        # The connections' own write buffers (written once per read on the other side): the
+        # client's from the start, the upstream connection's once one is attached.
+        self.out: list[bytes] = client.wbuf  # type: ignore[attr-defined]
+        self.up_buf: list[bytes] | None = None
         self.route: Route | None = None
         self.binding: ClusterBinding | None = None
         self.endpoint: EndpointState | None = None
@@ -255,7 +258,7 @@ class Exchange(ResponseReceiver):
         conn.begin(self, self.req.method == b"HEAD")
         self.stage = REQUEST_SENT
         self.deadline = self.dp.now + self.dp.read_timeout
-        buf = self.up_buf
+        buf = self.up_buf = conn.wbuf
         buf.append(self.up_head)
         pending = self.pending
         if pending:
@@ -276,8 +279,9 @@ class Exchange(ResponseReceiver):
         self._body_piece(data)
 
     def _body_piece(self, data: bytes) -> None:
-        if self.up is not None:
-            self.up_buf.append(data)
+        up_buf = self.up_buf
+        if self.up is not None and up_buf is not None:
+            up_buf.append(data)
             self.deadline = self.dp.now + self.dp.read_timeout
             if self.replayable:
                 self.kept_bytes += len(data)
@@ -434,7 +438,9 @@ class Exchange(ResponseReceiver):
         if up is not None:
             self.up = None
             up.abort()
-        self.up_buf.clear()
+        if self.up_buf is not None:
+            self.up_buf.clear()  # unsent bytes of the failed attempt
+            self.up_buf = None
         if (self.attempts < MAX_ATTEMPTS and not self.resp_started
                 and retry_decision(stage, self.req.method, self.replayable)):  # fmt: skip
             self.dp.retries += 1

@@ -37,6 +37,7 @@ cdef class UpstreamConnection:
     cdef public FlowControl flow
     cdef public ResponseHead switching
     cdef public bytes raw
+    cdef public list wbuf
     cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done, eof
     cdef public double idle_since
 

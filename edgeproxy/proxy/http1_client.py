@@ -87,7 +87,7 @@ class UpstreamConnection:
     __slots__ = (
         "closed", "done", "endpoint", "eof", "flow", "idle_list", "idle_since", "in_head", "parser",
         "pool_key", "raw", "receiver", "received", "reusable", "reused", "skip_body",
-        "switching", "transport", "tunnel",
+        "switching", "transport", "tunnel", "wbuf",
     )  # fmt: skip
 
     def __init__(self, endpoint: EndpointState, pool_key: tuple[Any, Any], idle_list: list[Any]) -> None:  # fmt: skip
@@ -110,6 +110,7 @@ class UpstreamConnection:
         self.done = False
         self.eof = False
         self.switching: ResponseHead | None = None  # the 101 head, until the tunnel opens
+        self.wbuf: list[bytes] = []  # what the exchange writes at the end of a client read
 
     # -- asyncio.Protocol --------------------------------------------------------------
 

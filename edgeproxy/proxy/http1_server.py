@@ -54,7 +54,7 @@ class ClientConnection(Downstream):
     uvloop only call its methods)."""
 
     __slots__ = (
-        "body_received", "closed", "deadline", "dp", "eof", "exchange", "flow", "info",
+        "body_received", "closed", "deadline", "dp", "eof", "exchange", "flow", "info", "wbuf",
         "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "port",
         "queued", "replaying", "scheme", "transport", "tunnel", "upgrade_rest",
         "write_paused",
@@ -66,6 +66,7 @@ class ClientConnection(Downstream):
         self.port = port
         self.transport: Any = None
         self.flow = FlowControl(None)
+        self.wbuf: list[bytes] = []
         self.parser = HttpRequestParser(self)
         self.info = ConnectionInfo(scheme, port, "", False)
         self.deadline = 0.0
