@@ -118,6 +118,16 @@ async def proxy_factory(tmp_path: Path, manifests: Path) -> AsyncIterator[Any]:
         await proxy.stop()
 
 
+async def eventually(check: Any, timeout: float = 5.0, what: str = "the condition") -> None:
+    """Wait until `await check()` is true: polled on the loop, bounded by `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} never held within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
 def simple_site(port: int, *addresses: str, service: str = "web") -> list[dict[str, Any]]:
     """One class, one catch-all Ingress, one Service whose pods are `addresses`."""
     return [

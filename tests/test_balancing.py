@@ -15,7 +15,7 @@ from edgeproxy.proxy.binding import ClusterBinding
 from edgeproxy.routing import Cluster
 from tests import k8s
 from tests.backends import Pods
-from tests.conftest import ROOT, simple_site
+from tests.conftest import ROOT, eventually, simple_site
 from tests.http1 import Client, fetch
 
 
@@ -183,7 +183,13 @@ async def test_failing_endpoint_is_ejected_and_returns_after_its_time(pods: Pods
     states = {e["endpoint"]: e for e in routes["routes"][0]["endpoints"]}
     assert states[f"127.0.0.2:{port}"]["in_rotation"] is False
     del pods.fail_with["127.0.0.2"]  # it recovers
-    await asyncio.sleep(1.0)
+
+    async def back_in_rotation() -> bool:
+        routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+        states = {e["endpoint"]: e for e in routes["routes"][0]["endpoints"]}
+        return bool(states[f"127.0.0.2:{port}"]["in_rotation"])
+
+    await eventually(back_in_rotation, timeout=10, what="the ejection's end")
     for _ in range(40):
         assert (await client.request("GET", "/")).status == 200
         if pods.hits("127.0.0.2") > hits_while_ejected:

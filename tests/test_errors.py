@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -10,7 +9,7 @@ import pytest
 
 from tests import k8s
 from tests.backends import Pods
-from tests.conftest import simple_site
+from tests.conftest import eventually, simple_site
 from tests.http1 import Client, fetch
 
 
@@ -141,7 +140,11 @@ async def test_invalid_objects_are_logged_and_the_rest_serves(pods: Pods, proxy_
     (manifests / "garbage.yaml").write_text("kind: [unclosed\n")
     proxy = await proxy_factory(objs)
     assert (await fetch(proxy.http, "GET", "/", host="site.example.com")).status == 200
-    await asyncio.sleep(0.3)
+
+    async def reported() -> bool:
+        return "missing-svc" in proxy.log()
+
+    await eventually(reported, what="the skipped Ingress's log line")
     log = proxy.log()
     assert "default/broken" in log and "missing-svc" in log
     assert "garbage.yaml" in log

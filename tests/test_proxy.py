@@ -9,7 +9,7 @@ from typing import Any
 
 from tests import k8s
 from tests.backends import Pods
-from tests.conftest import simple_site
+from tests.conftest import eventually, simple_site
 from tests.http1 import Client, fetch, read_body, read_head
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -274,11 +274,18 @@ async def test_sigterm_lets_the_request_in_flight_finish(pods: Pods, proxy_facto
     proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
     client = await Client.connect(proxy.http)
     await client.send_raw(b"GET /slow/400 HTTP/1.1\r\nHost: h\r\n\r\n")
-    await asyncio.sleep(0.1)
+
+    async def reached_the_pod() -> bool:
+        return bool(pods.requests)
+
+    await eventually(reached_the_pod, what="the request reaching the pod")
     assert proxy.proc is not None
     proxy.proc.send_signal(15)
-    await asyncio.sleep(0.1)
-    assert (await fetch(proxy.admin, "GET", "/readyz")).status == 503  # not ready: draining
+
+    async def draining() -> bool:
+        return (await fetch(proxy.admin, "GET", "/readyz")).status == 503
+
+    await eventually(draining, what="/readyz turning 503")  # not ready: draining
     resp = await client.response()
     assert resp.status == 200 and resp.header("connection") == "close"
     await client.close()
