@@ -13,6 +13,7 @@ from setuptools.command.build_ext import build_ext
 
 HOT_PATH = [
     "edgeproxy/hosts.py",
+    "edgeproxy/health.py",
     "edgeproxy/balancing.py",
     "edgeproxy/proxy/flow.py",
     "edgeproxy/proxy/message.py",

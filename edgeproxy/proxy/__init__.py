@@ -16,7 +16,7 @@ def protocol_factory(factory: Callable[[], Any]) -> Callable[[], asyncio.BasePro
 
 def compiled_modules() -> list[str]:
     """The modules setup.py compiles (besides _heads.pyx)."""
-    return ["edgeproxy.hosts", "edgeproxy.balancing"] + [
+    return ["edgeproxy.hosts", "edgeproxy.health", "edgeproxy.balancing"] + [
         f"edgeproxy.proxy.{name}" for name in (
             "flow", "message", "http1_client", "pool", "forward", "binding", "dataplane", "exchange", "http1_server")
     ]  # fmt: skip

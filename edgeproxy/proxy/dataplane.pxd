@@ -1,10 +1,16 @@
 # Cython declarations for dataplane.py (pure-Python mode): compiled, the codecs and the
 # exchange read these fields as C struct members instead of through a per-instance dict.
 
+from edgeproxy.health cimport EndpointRegistry
+
+
 cdef class Dataplane:
-    cdef public object settings, loop, table, registry, pool, date, upstream_ssl
+    cdef public object settings, loop, table, pool, date, upstream_ssl
+    cdef public EndpointRegistry registry
     cdef public object backend_contexts, _sweeper
     cdef public double now, tick, _last_pool_sweep, connect_timeout, read_timeout, panic_percent
+    cdef public double client_header_timeout, keepalive_timeout
+    cdef public Py_ssize_t max_header_bytes, max_body_bytes
     cdef public set connections
     cdef public list status_counts
     cdef public Py_ssize_t retries, rid_counter

@@ -62,10 +62,14 @@ class Dataplane:
         # X-Request-ID: a per-process random prefix and a counter; unique without a syscall.
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_counter = 0
-        # The timeouts the hot path adds to `now`, as plain fields (C doubles when compiled).
+        # The timeouts and limits the hot path reads, as plain fields (C fields when compiled).
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
         self.panic_percent = settings.outlier.panic_threshold_percent
+        self.client_header_timeout = settings.client_header_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_body_bytes = settings.max_body_bytes
         shortest = min(
             settings.connect_timeout, settings.read_timeout, settings.client_header_timeout,
             settings.keepalive_timeout,

@@ -557,7 +557,7 @@ class Exchange(ResponseReceiver):
         has_body = req.chunked or req.content_length > 0
         # A large body still to come is not worth reading: close instead.
         if not self.keep_alive or (has_body and not self.req_done
-                                   and req.content_length > self.dp.settings.max_header_bytes):  # fmt: skip
+                                   and req.content_length > self.dp.max_header_bytes):  # fmt: skip
             self.keep_alive = False
         if req.websocket:
             self.keep_alive = False

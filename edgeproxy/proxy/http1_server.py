@@ -108,7 +108,7 @@ class ClientConnection(Downstream):
             except OSError:
                 pass
         self.dp.connections.add(self)
-        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+        self.deadline = self.dp.now + self.dp.keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.lingering >= 0:
@@ -128,7 +128,7 @@ class ClientConnection(Downstream):
             self.backlog += data  # reading is paused; this read was already under way
             return
         if self.exchange is None and self.queued is None and not self.in_head:
-            self.deadline = self.dp.now + self.dp.settings.client_header_timeout
+            self.deadline = self.dp.now + self.dp.client_header_timeout
         self._consume(data)
         exchange = self.exchange
         if exchange is not None and not self.closed:
@@ -142,7 +142,7 @@ class ClientConnection(Downstream):
             self.backlog = (self.backlog or b"") + data
             return
         self.feeding = True
-        limit = self.dp.settings.max_header_bytes
+        limit = self.dp.max_header_bytes
         try:
             while data and not self.closed:
                 queued = self.queued
@@ -283,8 +283,8 @@ class ClientConnection(Downstream):
             return
         self.in_head = False
         head = self.parsing
-        settings = self.dp.settings
-        if head.size > settings.max_header_bytes:
+        dp = self.dp
+        if head.size > dp.max_header_bytes:
             raise ClientProtocolError(431, "header section too large")
         parser = self.parser
         head.method = parser.get_method()
@@ -294,7 +294,7 @@ class ClientConnection(Downstream):
         # Without any Connection field, llhttp keeps only HTTP/1.1 (and 1.x, x > 0) alive; so
         # then the version string (formatted by get_http_version) is not needed.
         version = "1.1" if keep_alive and not head.conn_tokens else parser.get_http_version()
-        head.complete(version, keep_alive, settings.max_body_bytes)
+        head.complete(version, keep_alive, dp.max_body_bytes)
         if self.parsing_queued:
             self._queue(HEAD_EVENT, head)
         else:
@@ -322,7 +322,7 @@ class ClientConnection(Downstream):
             exchange.request_end()
 
     def _check_body(self, exchange: Exchange, size: int) -> None:
-        limit = self.dp.settings.max_body_bytes
+        limit = self.dp.max_body_bytes
         self.body_received += size
         if limit and self.body_received > limit:
             raise ClientProtocolError(413, "request body over the limit")
@@ -364,7 +364,7 @@ class ClientConnection(Downstream):
         if not keep_alive or self.closed:
             self.close()
             return
-        self.deadline = self.dp.now + self.dp.settings.keepalive_timeout
+        self.deadline = self.dp.now + self.dp.keepalive_timeout
         if self.queued is not None or self.backlog is not None:
             if not self.replaying:
                 self._replay()
