@@ -117,7 +117,7 @@ def main() -> int:
     binding = next(b for b in dp.bindings.values() if b.cluster.name.startswith("b/api"))
     state = binding.hosts[0]
     idle = binding.pools[state]
-    upstream = UpstreamConnection(state, (state.key, binding.profile), idle)
+    upstream = UpstreamConnection(state, idle)
     up_transport = CountingTransport()
     upstream.connection_made(up_transport)
     idle.append(upstream)

@@ -87,7 +87,7 @@ class Dataplane:
         self.table = table
         self.bindings = bindings
         self.route_memo = {}
-        self._retain()
+        self.retain_live()
 
     def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
         """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
@@ -95,9 +95,6 @@ class Dataplane:
         if old is None:
             return
         self.bindings[cluster] = self._bind(cluster, keys, {cluster.transport: old.tls_context})
-
-    def retain_live(self) -> None:
-        self._retain()
 
     def _bind(self, cluster: Cluster, keys: tuple[EndpointKey, ...],
               contexts: dict[TransportProfile, ssl.SSLContext | None]) -> ClusterBinding:  # fmt: skip
@@ -115,7 +112,7 @@ class Dataplane:
             return self.backend_contexts(profile, where)
         return self.upstream_ssl
 
-    def _retain(self) -> None:
+    def retain_live(self) -> None:
         """Drop per-endpoint state and idle connections no live binding refers to."""
         live = {k for b in self.bindings.values() for k in b.keys}
         self.registry.retain(live)

@@ -68,3 +68,4 @@ cdef class Exchange(ResponseReceiver):
     cdef _discard_rest(self)
     cpdef finish(self)
     cpdef finish_aborted(self)
+    cdef _end(self, bint clean)

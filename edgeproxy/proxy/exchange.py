@@ -580,17 +580,18 @@ class Exchange(ResponseReceiver):
 
     def finish(self) -> None:
         """The exchange is over: count it, release what it held, hand the connection back."""
-        if self.done:
-            return
-        self.done = True
-        self.flush_client()
-        self.dp.status_counts[self.status] += 1
-        self.cflow.resume(EXCHANGE_REASONS)
-        self.client.exchange_done(self, self.keep_alive and self.req_done)
+        self._end(True)
 
     def finish_aborted(self) -> None:
+        """The exchange was cut (its connection is closed or closing): count it and let go."""
+        self._end(False)
+
+    def _end(self, clean: bool) -> None:
         if self.done:
             return
         self.done = True
+        if clean:
+            self.flush_client()
         self.dp.status_counts[self.status] += 1
-        self.client.exchange_done(self, False)
+        self.cflow.resume(EXCHANGE_REASONS)
+        self.client.exchange_done(self, clean and self.keep_alive and self.req_done)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from edgeproxy.config import SERVER_NAME
 
-Header = tuple[bytes, bytes]
-
 HOP_BY_HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",

@@ -30,7 +30,6 @@ cdef class ResponseReceiver:
 
 cdef class UpstreamConnection:
     cdef public EndpointState endpoint
-    cdef public tuple pool_key
     cdef public list idle_list
     cdef public object transport, parser
     cdef public ResponseReceiver receiver
@@ -38,7 +37,7 @@ cdef class UpstreamConnection:
     cdef public ResponseHead switching
     cdef public bytes raw
     cdef public list wbuf
-    cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done, eof
+    cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done
     cdef public double idle_since
 
     cpdef begin(self, ResponseReceiver receiver, bint skip_body)

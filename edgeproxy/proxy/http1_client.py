@@ -85,15 +85,15 @@ class UpstreamConnection:
     """asyncio protocol of one connection to an endpoint (compiled: an extension type)."""
 
     __slots__ = (
-        "closed", "done", "endpoint", "eof", "flow", "idle_list", "idle_since", "in_head", "parser",
-        "pool_key", "raw", "receiver", "received", "reusable", "reused", "skip_body",
+        "closed", "done", "endpoint", "flow", "idle_list", "idle_since", "in_head", "parser",
+        "raw", "receiver", "received", "reusable", "reused", "skip_body",
         "switching", "transport", "tunnel", "wbuf",
     )  # fmt: skip
 
-    def __init__(self, endpoint: EndpointState, pool_key: tuple[Any, Any], idle_list: list[Any]) -> None:  # fmt: skip
+    def __init__(self, endpoint: EndpointState, idle_list: list[Any]) -> None:
         self.endpoint = endpoint
-        self.pool_key = pool_key  # (EndpointKey, TransportProfile): where it may be pooled
-        self.idle_list = idle_list  # ... and the pool's list for that key
+        # The pool's list for (endpoint, transport profile): where this connection may idle.
+        self.idle_list = idle_list
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl = FlowControl(None)
         self.parser = HttpResponseParser(self)
@@ -108,7 +108,6 @@ class UpstreamConnection:
         self.tunnel = False
         self.skip_body = False  # response to HEAD: llhttp cannot be told, so we end it ourselves
         self.done = False
-        self.eof = False
         self.switching: ResponseHead | None = None  # the 101 head, until the tunnel opens
         self.wbuf: list[bytes] = []  # what the exchange writes at the end of a client read
 
@@ -120,7 +119,6 @@ class UpstreamConnection:
 
     def eof_received(self) -> bool:
         if self.tunnel and self.receiver is not None:
-            self.eof = True
             self.receiver.tunnel_eof()
             return True  # half-closed: the client may still send
         return False

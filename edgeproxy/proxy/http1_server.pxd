@@ -32,3 +32,4 @@ cdef class ClientConnection(Downstream):
     cdef _start_queued(self, list queued)
     cpdef _fail(self, Py_ssize_t status)
     cdef _really_close(self)
+    cdef _shut(self, bint cut)

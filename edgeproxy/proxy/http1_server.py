@@ -479,25 +479,29 @@ class ClientConnection(Downstream):
         self.close()
 
     def _really_close(self) -> None:
+        """The lingering after an error answer is over (`closed` is already set)."""
         self.lingering = -1
-        self.closed = False
-        self.close()
+        self._shut(False)
 
     def close(self) -> None:
         """Close after what was written is flushed."""
         if not self.closed:
-            self.closed = True
-            self.dp.connections.discard(self)
-            if self.transport is not None:
-                self.transport.close()
+            self._shut(False)
 
     def abort(self) -> None:
         """Cut the connection: what the client has is incomplete and must look so."""
         if not self.closed:
-            self.closed = True
-            self.dp.connections.discard(self)
-            if self.transport is not None:
-                self.transport.abort()
+            self._shut(True)
+
+    def _shut(self, cut: bool) -> None:
+        self.closed = True
+        self.dp.connections.discard(self)
+        transport = self.transport
+        if transport is not None:
+            if cut:
+                transport.abort()
+            else:
+                transport.close()
 
     def deadline_passed(self) -> None:
         if self.lingering >= 0:

@@ -66,13 +66,12 @@ class UpstreamPool:
                       context: ssl.SSLContext | None) -> UpstreamConnection:  # fmt: skip
         """A new connection; raises OSError (refused, unreachable, TLS failure)."""
         self.connects += 1
-        key = (endpoint.key, profile)
         idle = self.idle_list(endpoint.key, profile)
         server_name = None
         if profile.tls:
             server_name = profile.server_name or endpoint.address
         _, protocol = await self.loop.create_connection(
-            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, key, idle)),
+            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, idle)),
             endpoint.address, endpoint.port, ssl=context if profile.tls else None,
             server_hostname=server_name,
         )  # fmt: skip
