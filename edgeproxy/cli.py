@@ -1,7 +1,7 @@
 """Command line: parse arguments, build the pieces, run the loop.
 
     edgeproxy run --manifests PATH [...] --http HOST:PORT [--https HOST:PORT] --admin HOST:PORT
-                  [--ingress-class NAME] [--workers N]
+                  [--ingress-class NAME] [--workers N] [--shutdown-delay S] [--drain-timeout S]
     edgeproxy demo   (demo backends from config/ plus edgeproxy, all on loopback)
 """
 
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--admin", type=host_port,
                        default=("127.0.0.1", 9901) if name == "demo" else None)
         p.add_argument("--ingress-class", help="serve only this IngressClass")
-        p.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the listeners (SO_REUSEPORT)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="processes serving traffic (default: the CPUs this process may use, "
+                            "from its affinity and cgroup CPU quota)")
         p.add_argument("--kubeconfig", type=Path, help="watch the API server of this kubeconfig")
         p.add_argument("--in-cluster", action="store_true",
                        help="watch the API server with the pod's service account")
@@ -98,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                        default=OutlierSettings.max_ejection_percent)
         p.add_argument("--panic-threshold", type=float,
                        default=OutlierSettings.panic_threshold_percent)
-        p.add_argument("--shutdown-grace", type=float, default=10.0,
-                       help="seconds to let requests in flight finish on SIGTERM")
+        p.add_argument("--shutdown-delay", type=float, default=5.0,
+                       help="seconds to keep accepting after SIGTERM, with /readyz 503 (time for "
+                            "EndpointSlices, kube-proxy and load balancers to drop the pod)")
+        p.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="then, seconds requests and tunnels in flight get to finish")
+        p.add_argument("--handover-socket", type=Path,
+                       help="Unix socket through which a new edgeproxy on the same ports takes "
+                            "this one's listening sockets (and this one takes its predecessor's)")
         p.add_argument("--log-level", default="info")
     return parser
 
@@ -140,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.error("give --manifests PATH, --kubeconfig FILE or --in-cluster")
             return 2
+    if args.workers is not None and args.workers < 1:
+        log.error("--workers must be at least 1")
+        return 2
     if args.http is None and args.https is None:
         log.error("give --http HOST:PORT and/or --https HOST:PORT")
         return 2
     settings = settings_from(args)
 
-    from edgeproxy.server import run_workers  # imported late: argument errors stay fast
+    from edgeproxy.supervisor import run  # imported late: argument errors stay fast
 
     if args.command == "demo":
         from edgeproxy.demo import demo_pods
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_demo_pods(args.manifests)
             os._exit(0)
         _print_demo_help(args)
-    return run_workers(args, settings)
+    return run(args, settings)
 
 
 def _run_demo_pods(paths: list[Path]) -> None:

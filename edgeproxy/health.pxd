@@ -3,5 +3,5 @@
 
 cdef class EndpointRegistry:
     cdef public dict states
-    cdef public object clock, outlier
+    cdef public object clock, outlier, reporter
     cdef public Py_ssize_t ejected_count, ejection_epoch

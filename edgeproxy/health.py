@@ -28,6 +28,36 @@ class EndpointRegistry:
         self.outlier = outlier
         self.ejected_count = 0  # lets the hot path skip health checks when nothing is ejected
         self.ejection_epoch = 0  # bumped on every ejection and return: clusters recount then
+        # In a worker of several: outcomes go to the supervisor, which decides for the whole
+        # pod (health messages come back through set_health). None: decide here.
+        self.reporter: Callable[[EndpointState, bool], None] | None = None
+
+    def set_health(self, key: EndpointKey, consecutive_failures: int, ejected_until: float,
+                   ejections: int) -> None:  # fmt: skip
+        """The pod-wide verdict on one endpoint, from the supervisor (workers apply it)."""
+        state = self.states.get(key)
+        if state is None:
+            return
+        now = self.clock()
+        was = state.ejected_until > now
+        state.consecutive_failures = consecutive_failures
+        state.ejected_until = ejected_until
+        state.ejections = ejections
+        if was != (ejected_until > now):
+            self.ejected_count += -1 if was else 1
+            self.ejection_epoch += 1
+
+    def forget(self, keys: Iterable[EndpointKey]) -> None:
+        """Drop these endpoints' states (no live binding refers to them any more)."""
+        now = self.clock()
+        for key in keys:
+            state = self.states.pop(key, None)
+            if state is None:
+                continue
+            state.draining = True
+            if state.ejected_until > now:
+                self.ejected_count -= 1
+                self.ejection_epoch += 1
 
     def get(self, key: EndpointKey) -> EndpointState:
         state = self.states.get(key)
@@ -56,6 +86,8 @@ class EndpointRegistry:
 
     def record_success(self, state: EndpointState) -> None:
         state.consecutive_failures = 0
+        if self.reporter is not None:
+            self.reporter(state, False)
 
     def record_failure(self, state: EndpointState, peers: Sequence[EndpointState],
                        outlier: OutlierSettings | None) -> None:  # fmt: skip
@@ -66,6 +98,9 @@ class EndpointRegistry:
         """
         state.failures += 1
         state.consecutive_failures += 1
+        if self.reporter is not None:
+            self.reporter(state, True)
+            return
         settings = outlier or self.outlier
         if state.consecutive_failures < settings.consecutive_gateway_failures:
             return
@@ -93,10 +128,12 @@ class EndpointRegistry:
             state.label, duration, settings.consecutive_gateway_failures, state.ejections,
         )  # fmt: skip
 
-    def refresh_ejections(self) -> None:
-        """Return endpoints whose ejection time has passed (called by the periodic sweeper)."""
+    def refresh_ejections(self) -> list[EndpointState]:
+        """Return endpoints whose ejection time has passed (called by the periodic sweeper);
+        -> those returned."""
+        returned: list[EndpointState] = []
         if not self.ejected_count:
-            return
+            return returned
         now = self.clock()
         count = 0
         for state in self.states.values():
@@ -104,7 +141,10 @@ class EndpointRegistry:
                 if state.ejected_until <= now:
                     state.ejected_until = 0.0
                     self.ejection_epoch += 1
-                    log.warning("endpoint %s returns to rotation", state.label)
+                    returned.append(state)
+                    if self.reporter is None:  # a worker's supervisor says it, once per pod
+                        log.warning("endpoint %s returns to rotation", state.label)
                 else:
                     count += 1
         self.ejected_count = count
+        return returned

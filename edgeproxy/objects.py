@@ -7,7 +7,7 @@ touch the route table. A consumer takes an immutable `Snapshot` and compiles it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -30,20 +30,36 @@ def object_key(obj: Mapping[str, Any]) -> ObjectKey | None:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What compile() sees: every object by key, plus which sources have listed fully."""
+    """What compile() sees: every object by key, and the same objects grouped by kind."""
 
     objects: Mapping[ObjectKey, K8sObject]
     generation: int
+    kinds: Mapping[str, Mapping[ObjectKey, K8sObject]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     def of_kind(self, kind: str) -> Iterable[tuple[ObjectKey, K8sObject]]:
-        return ((k, v) for k, v in self.objects.items() if k[0] == kind)
+        return (self.kinds.get(kind) or {}).items()
+
+
+def service_label(obj: K8sObject | None) -> str | None:
+    """The Service an EndpointSlice belongs to (label kubernetes.io/service-name)."""
+    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+    service = labels.get("kubernetes.io/service-name") if isinstance(labels, dict) else None
+    return service if isinstance(service, str) and service else None
 
 
 class ObjectStore:
-    """Objects grouped by the source that supplied them, so a source can replace its own set."""
+    """Objects grouped by the source that supplied them, so a source can replace its own set.
+
+    Beside the per-source sets it keeps the merged view by kind and the EndpointSlices by
+    Service, updated per object: a change costs what changed, not the size of the store (an
+    EndpointSlice event reads only its Service's slices).
+    """
 
     def __init__(self) -> None:
         self._by_source: dict[str, dict[ObjectKey, K8sObject]] = {}
+        self._kinds: dict[str, dict[ObjectKey, K8sObject]] = {kind: {} for kind in KINDS}
+        self._slices: dict[tuple[str, str], dict[ObjectKey, K8sObject]] = {}
         self._generation = 0
         self._listeners: list[Callable[[], None]] = []
         # What changed since the last take_changes(): which kinds, and for EndpointSlices,
@@ -65,41 +81,69 @@ class ObjectStore:
             if key is not None:
                 fresh[key] = obj
         old = self._by_source.get(source, {})
+        self._by_source[source] = fresh
         changed = False
         for key in old.keys() | fresh.keys():
             before, after = old.get(key), fresh.get(key)
             if before is not after and before != after:
-                self._note(key, before, after)
+                self._merge(key)
                 changed = True
-        self._by_source[source] = fresh
         if changed:
             self._changed()
 
     def upsert(self, source: str, obj: K8sObject) -> None:
         key = object_key(obj)
         if key is not None:
-            objects = self._by_source.setdefault(source, {})
-            self._note(key, objects.get(key), obj)
-            objects[key] = obj
+            self._by_source.setdefault(source, {})[key] = obj
+            self._merge(key)
             self._changed()
 
     def delete(self, source: str, obj: K8sObject) -> None:
         key = object_key(obj)
         if key is None:
             return
-        before = self._by_source.get(source, {}).pop(key, None)
-        if before is not None:
-            self._note(key, before, None)
+        if self._by_source.get(source, {}).pop(key, None) is not None:
+            self._merge(key)
             self._changed()
 
-    def _note(self, key: ObjectKey, before: K8sObject | None, after: K8sObject | None) -> None:
+    def get(self, key: ObjectKey) -> K8sObject | None:
+        return self._kinds[key[0]].get(key)
+
+    def count(self, kind: str) -> int:
+        return len(self._kinds[kind])
+
+    def slices_of(self, service: tuple[str, str]) -> list[K8sObject]:
+        """A Service's EndpointSlices in name order (deterministic, as compile sorts them)."""
+        slices = self._slices.get(service) or {}
+        return [slices[k] for k in sorted(slices)]
+
+    def _merge(self, key: ObjectKey) -> None:
+        """Recompute the merged object for key: the last source (in order added) that has it."""
+        after = None
+        for objects in self._by_source.values():
+            obj = objects.get(key)
+            if obj is not None:
+                after = obj
+        kind = self._kinds[key[0]]
+        before = kind.get(key)
+        if after is None:
+            kind.pop(key, None)
+        else:
+            kind[key] = after
         self._changed_kinds.add(key[0])
         if key[0] == "EndpointSlice":
-            for obj in (before, after):
-                labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-                service = labels.get("kubernetes.io/service-name") if isinstance(labels, dict) else None  # fmt: skip
-                if isinstance(service, str):
-                    self._changed_services.add((key[1], service))
+            for obj, present in ((before, False), (after, True)):
+                service = service_label(obj)
+                if service is None:
+                    continue
+                self._changed_services.add((key[1], service))
+                group = self._slices.setdefault((key[1], service), {})
+                if present:
+                    group[key] = obj  # type: ignore[assignment]
+                else:
+                    group.pop(key, None)
+                    if not group:
+                        del self._slices[(key[1], service)]
 
     def take_changes(self) -> tuple[set[str], set[tuple[str, str]]]:
         """(kinds changed, Services whose EndpointSlices changed) since the last call."""
@@ -108,10 +152,13 @@ class ObjectStore:
         return changes
 
     def snapshot(self) -> Snapshot:
+        """A copy that later changes do not reach (one dict copy per kind, in C)."""
+        kinds = {kind: dict(objects) for kind, objects in self._kinds.items()}
         merged: dict[ObjectKey, K8sObject] = {}
-        for objects in self._by_source.values():
+        for objects in kinds.values():
             merged.update(objects)
-        return Snapshot(MappingProxyType(merged), self._generation)
+        return Snapshot(MappingProxyType(merged), self._generation,
+                        MappingProxyType({k: MappingProxyType(v) for k, v in kinds.items()}))  # fmt: skip
 
     def _changed(self) -> None:
         self._generation += 1

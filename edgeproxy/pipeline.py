@@ -11,25 +11,51 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 from edgeproxy.compile import (
     CompileResult,
     compile_routes,
-    index_endpoint_slices,
     resolve_endpoints,
 )
 from edgeproxy.config import OutlierSettings
-from edgeproxy.objects import ObjectStore, Snapshot
-from edgeproxy.proxy.dataplane import Dataplane
+from edgeproxy.hosts import EndpointKey
+from edgeproxy.objects import ObjectStore
+from edgeproxy.routing import Cluster
 
 log = logging.getLogger("edgeproxy.pipeline")
+
+EndpointChanges = list[tuple[Cluster, tuple[EndpointKey, ...]]]
+
+
+class Publisher(Protocol):
+    """Where compiled tables go: one in-process data plane (LocalPublisher), or every worker
+    of the pod (supervisor.Workers)."""
+
+    def publish(self, result: CompileResult) -> None: ...
+
+    def refresh_endpoints(self, changes: EndpointChanges) -> None: ...
+
+
+class LocalPublisher:
+    """Publishes into a Dataplane in this process (tests, benchmarks/hot_path.py)."""
+
+    def __init__(self, dataplane: Any) -> None:
+        self.dp = dataplane
+
+    def publish(self, result: CompileResult) -> None:
+        self.dp.publish(result.table)
+
+    def refresh_endpoints(self, changes: EndpointChanges) -> None:
+        for cluster, keys in changes:
+            self.dp.refresh_endpoints(cluster, keys)
 
 
 class RoutePipeline:
     def __init__(
         self,
         store: ObjectStore,
-        dataplanes: list[Dataplane],
+        publishers: list[Publisher],
         *,
         only_class: str | None,
         balancers: Collection[str],
@@ -39,12 +65,14 @@ class RoutePipeline:
     ) -> None:
         self.outlier = outlier
         self.store = store
-        self.dataplanes = dataplanes
+        self.publishers = publishers
         self.only_class = only_class
         self.balancers = balancers
         self.default_balancer = default_balancer
         self.loop = loop
         self.last: CompileResult | None = None
+        # Each live cluster's endpoints as last published (the table itself is never written).
+        self.endpoints: dict[Cluster, tuple[EndpointKey, ...]] = {}
         self.published_generation = -1
         self.rebuilds = 0
         self.endpoint_refreshes = 0
@@ -63,13 +91,14 @@ class RoutePipeline:
         self._scheduled = False
         started = time.perf_counter()
         kinds, services = self.store.take_changes()
-        snapshot = self.store.snapshot()
+        generation = self.store.generation
         if self.last is not None and kinds == {"EndpointSlice"}:
-            self._refresh_endpoints(snapshot, services)
-            self.published_generation = snapshot.generation
+            self._refresh_endpoints(services)
+            self.published_generation = generation
             self.endpoint_refreshes += 1
             self.last_rebuild_seconds = time.perf_counter() - started
             return
+        snapshot = self.store.snapshot()
         try:
             result = compile_routes(
                 snapshot,
@@ -87,8 +116,9 @@ class RoutePipeline:
             if line not in self._reported:
                 log.warning("%s", line)
         self._reported = current
-        for dp in self.dataplanes:
-            dp.publish(result.table)
+        self.endpoints = {c: c.keys for c in result.table.clusters()}
+        for publisher in self.publishers:
+            publisher.publish(result)
         self.last = result
         self.published_generation = snapshot.generation
         self.rebuilds += 1
@@ -96,25 +126,26 @@ class RoutePipeline:
         for callback in self.on_published:
             callback(result)
 
-    def _refresh_endpoints(self, snapshot: Snapshot, services: set[tuple[str, str]]) -> None:
+    def _refresh_endpoints(self, services: set[tuple[str, str]]) -> None:
         """Only EndpointSlices changed: the routes stand; the affected clusters get new keys.
 
-        Gives the same endpoints a full compile would (test_compile checks both ways agree).
+        Reads only the changed Services' slices (the store indexes them), so an event costs
+        what changed. Gives the same endpoints a full compile would (test_compile checks).
         """
         assert self.last is not None
         table = self.last.table
-        index = index_endpoint_slices(snapshot, only=services)
         diagnostics: list[str] = []
+        changes: EndpointChanges = []
         for service in services:
+            slices = self.store.slices_of(service)
             for cluster in table.clusters_by_service.get(service, ()):
-                keys = resolve_endpoints(index.get(service, []), service[0], cluster.port_name,
-                                         diagnostics)  # fmt: skip
-                for dp in self.dataplanes:
-                    binding = dp.bindings.get(cluster)
-                    if binding is not None and keys != binding.keys:
-                        dp.refresh_endpoints(cluster, keys)
-        for dp in self.dataplanes:
-            dp.retain_live()
+                keys = resolve_endpoints(slices, service[0], cluster.port_name, diagnostics)
+                if keys != self.endpoints.get(cluster):
+                    self.endpoints[cluster] = keys
+                    changes.append((cluster, keys))
+        if changes:
+            for publisher in self.publishers:
+                publisher.refresh_endpoints(changes)
         for line in diagnostics:
             if line not in self._reported:
                 self._reported.add(line)

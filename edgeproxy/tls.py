@@ -20,6 +20,7 @@ from typing import Any
 
 from edgeproxy.compile import TlsBinding
 from edgeproxy.objects import Snapshot
+from edgeproxy.routing import TransportProfile
 
 log = logging.getLogger("edgeproxy.tls")
 
@@ -115,11 +116,17 @@ class CertificateStore:
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}
         self._contexts: dict[tuple[str, str], tuple[bytes, ssl.SSLContext]] = {}
+        # What workers need to build the same contexts (CertificateStore.state): by fingerprint.
+        self.pems: dict[bytes, tuple[bytes, bytes]] = {}
+        self.exact_ids: dict[str, bytes] = {}
+        self.wildcard_ids: dict[str, bytes] = {}
+        self.default_id = b""
         self._reported: set[str] = set()  # one log line per problem, not one per rebuild
         self.default = self._self_signed()
 
     def _self_signed(self) -> ssl.SSLContext:
         self._self_signed_pem = self_signed_pem()
+        self._self_signed_id = hashlib.sha256(b"\0".join(self._self_signed_pem)).digest()
         log.info("no default certificate configured yet: generated a self-signed one")
         return context_from_pem(*self._self_signed_pem, "self-signed default")
 
@@ -175,6 +182,25 @@ class CertificateStore:
     def _on_sni(self, sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         sock.context = self.context_for(server_name)
 
+    def state(self) -> tuple[dict[str, bytes], dict[str, bytes], bytes, dict[bytes, tuple[bytes, bytes]]]:  # fmt: skip
+        """(exact name -> id, wildcard suffix -> id, default id, id -> PEM pair) for workers."""
+        pems = dict(self.pems)
+        pems[self._self_signed_id] = self._self_signed_pem
+        return self.exact_ids, self.wildcard_ids, self.default_id or self._self_signed_id, pems
+
+    def backend_cas(self, snapshot: Snapshot, refs: Iterable[tuple[str, str]]
+                    ) -> dict[tuple[str, str], bytes | None]:  # fmt: skip
+        """ca.crt of each backend CA Secret (None when missing), for the workers' contexts."""
+        cas: dict[tuple[str, str], bytes | None] = {}
+        for ns, name in refs:
+            secret = snapshot.objects.get(("Secret", ns, name)) or {}
+            data = secret.get("data") or {}
+            try:
+                cas[(ns, name)] = base64.b64decode(data["ca.crt"]) if "ca.crt" in data else None
+            except (ValueError, TypeError):
+                cas[(ns, name)] = None
+        return cas
+
     def _load(self, snapshot: Snapshot, ns: str, name: str, where: str) -> ssl.SSLContext | None:
         secret = snapshot.objects.get(("Secret", ns, name))
         label = f"Secret {ns}/{name} ({where})"
@@ -186,12 +212,15 @@ class CertificateStore:
             fingerprint = hashlib.sha256(cert + b"\0" + key).digest()
             cached = self._contexts.get((ns, name))
             if cached is not None and cached[0] == fingerprint:
+                self._ids[id(cached[1])] = fingerprint
                 return cached[1]
             ctx = context_from_pem(cert, key, label)
         except BadCertificate as exc:
             self._report(f"{exc}; its hosts use the default certificate")
             return None
         self._contexts[(ns, name)] = (fingerprint, ctx)
+        self.pems[fingerprint] = (cert, key)
+        self._ids[id(ctx)] = fingerprint
         log.info("%s loaded", label)
         return ctx
 
@@ -201,6 +230,7 @@ class CertificateStore:
             log.warning("%s", line)
 
     def update(self, snapshot: Snapshot, bindings: Iterable[TlsBinding]) -> None:
+        self._ids: dict[int, bytes] = {}  # id(context) -> fingerprint, for this update
         exact: dict[str, ssl.SSLContext] = {}
         wildcard: dict[str, ssl.SSLContext] = {}
         used: set[tuple[str, str]] = set()
@@ -224,3 +254,74 @@ class CertificateStore:
             if key not in used:
                 del self._contexts[key]
         self.exact, self.wildcard = exact, wildcard
+        ids = self._ids
+        self.exact_ids = {host: ids[id(ctx)] for host, ctx in exact.items()}
+        self.wildcard_ids = {suffix: ids[id(ctx)] for suffix, ctx in wildcard.items()}
+        if self.default_secret and self.default is not None and id(self.default) in ids:
+            self.default_id = ids[id(self.default)]
+        live = {fp for fp, _ in self._contexts.values()} | {self.default_id}
+        self.pems = {fp: pem for fp, pem in self.pems.items() if fp in live}
+
+
+class SniCertificates:
+    """A worker's certificates: the supervisor's CertificateStore.state, with contexts built
+    on the first handshake that needs one (a pod with 10,000 certificates starts without
+    10,000 context builds; a renewal costs one build, in the handshake that uses it)."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, bytes] = {}
+        self.wildcard: dict[str, bytes] = {}
+        self.default_id = b""
+        self.pems: dict[bytes, tuple[bytes, bytes]] = {}
+        self.contexts: dict[bytes, ssl.SSLContext] = {}
+        self.cas: dict[tuple[str, str], bytes | None] = {}
+
+    def update(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
+               pems: dict[bytes, tuple[bytes, bytes]]) -> None:  # fmt: skip
+        self.pems.update(pems)
+        self.exact, self.wildcard, self.default_id = exact, wildcard, default_id
+        live = set(exact.values()) | set(wildcard.values()) | {default_id}
+        for fp in [fp for fp in self.pems if fp not in live]:
+            del self.pems[fp]
+            self.contexts.pop(fp, None)
+
+    def _context(self, fp: bytes) -> ssl.SSLContext:
+        ctx = self.contexts.get(fp)
+        if ctx is None:
+            ctx = self.contexts[fp] = context_from_pem(*self.pems[fp], "certificate")
+        return ctx
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            fp = self.exact.get(name)
+            if fp is None:
+                dot = name.find(".")
+                if dot > 0:
+                    fp = self.wildcard.get(name[dot:])
+            if fp is not None:
+                return self._context(fp)
+        return self._context(self.default_id)
+
+    def _on_sni(self, sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        sock.context = self.context_for(server_name)
+
+    def server_context(self) -> ssl.SSLContext:
+        """The listener's context: its SNI callback swaps in the certificate for the name."""
+        ctx = context_from_pem(*self.pems[self.default_id], "listener")
+        ctx.sni_callback = self._on_sni
+        return ctx
+
+    def backend_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext:
+        """Verify backends against the profile's CA; without one, trust nothing (502)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = profile.server_name is not None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(ALPN)
+        ca = self.cas.get(profile.ca_secret) if profile.ca_secret is not None else None
+        if ca is not None:
+            try:
+                ctx.load_verify_locations(cadata=ca.decode("ascii"))
+            except (ssl.SSLError, ValueError, UnicodeDecodeError):
+                pass  # the supervisor reported it (CertificateStore.backend_context)
+        return ctx

@@ -45,7 +45,7 @@ class EdgeProxy:
         source = ["--manifests", str(self.manifests)] if self.manifests else []
         argv = [sys.executable, "-m", "edgeproxy.cli", "run", *source,
                 "--http", f"127.0.0.1:{self.http}", "--admin", f"127.0.0.1:{self.admin}",
-                "--reload-interval", "0.1", *extra]  # fmt: skip
+                "--reload-interval", "0.1", "--shutdown-delay", "0", *extra]  # fmt: skip
         if https:
             argv += ["--https", f"127.0.0.1:{self.https}"]
         self._log = open(self.log_path, "ab")

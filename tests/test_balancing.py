@@ -172,8 +172,17 @@ async def test_failing_endpoint_is_ejected_and_returns_after_its_time(pods: Pods
                                 "--outlier-max-ejection-percent", "50")  # fmt: skip
     pods.fail_with["127.0.0.2"] = 503
     client = await Client.connect(proxy.http)
-    statuses = [(await client.request("GET", "/")).status for _ in range(10)]
-    assert statuses.count(503) == 3  # three strikes, then out
+    # Round robin over two: six requests give 127.0.0.2 its three strikes.
+    statuses = [(await client.request("GET", "/")).status for _ in range(6)]
+    assert statuses.count(503) == 3
+    routes_url = "/debug/routes"
+
+    async def ejected() -> bool:  # workers report, the supervisor decides, workers apply
+        routes = json.loads((await fetch(proxy.admin, "GET", routes_url)).body)
+        states = {e["endpoint"]: e for e in routes["routes"][0]["endpoints"]}
+        return states[f"127.0.0.2:{port}"]["in_rotation"] is False
+
+    await eventually(ejected, timeout=5, what="the ejection")
     hits_while_ejected = pods.hits("127.0.0.2")
     for _ in range(10):
         assert (await client.request("GET", "/")).status == 200

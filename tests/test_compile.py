@@ -202,7 +202,7 @@ def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compil
 
     from edgeproxy.balancing import load_balancers
     from edgeproxy.config import Settings
-    from edgeproxy.pipeline import RoutePipeline
+    from edgeproxy.pipeline import LocalPublisher, RoutePipeline
     from edgeproxy.proxy.dataplane import Dataplane
 
     loop = asyncio.new_event_loop()
@@ -210,7 +210,7 @@ def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compil
         dp = Dataplane(Settings(), loop)
         dp.balancer_types = load_balancers()
         store = ObjectStore()
-        pipeline = RoutePipeline(store, [dp], only_class=None, balancers=["round_robin"],
+        pipeline = RoutePipeline(store, [LocalPublisher(dp)], only_class=None, balancers=["round_robin"],
                                  default_balancer="round_robin", loop=loop)  # fmt: skip
         objs = base(k8s.ingress("i", [("h", [k8s.path("/", "a"), k8s.path("/b", "b")])]))
         store.replace("test", objs)

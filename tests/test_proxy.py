@@ -57,7 +57,7 @@ async def test_round_robin_spreads_requests_evenly_over_pods(pods: Pods, proxy_f
 
 async def test_keep_alive_reuses_upstream_connections(pods: Pods, proxy_factory: Any) -> None:
     port = await pods.start("127.0.0.2")
-    proxy = await proxy_factory(simple_site(port, "127.0.0.2"))
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), "--workers", "1")  # pools are per worker
     for _ in range(3):
         client = await Client.connect(proxy.http)
         for _ in range(20):

@@ -15,7 +15,7 @@ cdef class Dataplane:
     cdef public list status_counts
     cdef public Py_ssize_t retries, rid_counter
     cdef public bint draining
-    cdef public dict bindings, route_memo, host_names, balancer_types
+    cdef public dict bindings, key_refs, route_memo, host_names, balancer_types
     cdef public bytes rid_prefix
 
     cpdef object route(self, str host, str path)

@@ -45,6 +45,7 @@ class Dataplane:
         self.now = loop.time()
         self.table: RouteTable = EMPTY_TABLE
         self.bindings: dict[Cluster, ClusterBinding] = {}
+        self.key_refs: dict[EndpointKey, int] = {}  # endpoint -> bindings that list it
         self.route_memo: dict[str, dict[str, Route | None]] = {}
         self.registry = EndpointRegistry(loop.time, settings.outlier)
         self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint)
@@ -89,12 +90,58 @@ class Dataplane:
         self.route_memo = {}
         self.retain_live()
 
+    def apply(self, table: RouteTable, defined: list[Cluster], gone: list[Cluster],
+              changed: list[tuple[Cluster, tuple[EndpointKey, ...]]]) -> None:  # fmt: skip
+        """A table delta from the supervisor (tablesync): bind what is new, unbind what went,
+        rebind what got new endpoints, swap the table. Costs what changed, not the table."""
+        contexts: dict[TransportProfile, ssl.SSLContext | None] = {}
+        for cluster in gone:
+            old = self.bindings.pop(cluster, None)
+            if old is not None:
+                self._unref(old.keys)
+        for cluster in defined:
+            self.bindings[cluster] = self._bind(cluster, cluster.keys, contexts)
+            self._ref(cluster.keys)
+        for cluster, keys in changed:
+            self.refresh_endpoints(cluster, keys)
+        self.table = table
+        self.route_memo = {}
+
     def refresh_endpoints(self, cluster: Cluster, keys: tuple[EndpointKey, ...]) -> None:
         """An EndpointSlice-only change: new endpoints for a live cluster (Envoy's EDS)."""
         old = self.bindings.get(cluster)
         if old is None:
             return
         self.bindings[cluster] = self._bind(cluster, keys, {cluster.transport: old.tls_context})
+        self._ref(keys)
+        self._unref(old.keys)
+
+    def rebind(self, clusters: list[Cluster]) -> None:
+        """New TLS contexts for these clusters (their backend CA changed); endpoints kept."""
+        for cluster in clusters:
+            old = self.bindings.get(cluster)
+            if old is not None:
+                self.bindings[cluster] = self._bind(cluster, old.keys, {})
+
+    def _ref(self, keys: tuple[EndpointKey, ...]) -> None:
+        refs = self.key_refs
+        for key in keys:
+            refs[key] = refs.get(key, 0) + 1
+
+    def _unref(self, keys: tuple[EndpointKey, ...]) -> None:
+        """Endpoints no binding refers to any more lose their state and idle connections."""
+        refs = self.key_refs
+        unused = []
+        for key in keys:
+            count = refs.get(key, 0) - 1
+            if count > 0:
+                refs[key] = count
+            else:
+                refs.pop(key, None)
+                unused.append(key)
+        if unused:
+            self.registry.forget(unused)
+            self.pool.forget(unused)
 
     def _bind(self, cluster: Cluster, keys: tuple[EndpointKey, ...],
               contexts: dict[TransportProfile, ssl.SSLContext | None]) -> ClusterBinding:  # fmt: skip
@@ -113,10 +160,15 @@ class Dataplane:
         return self.upstream_ssl
 
     def retain_live(self) -> None:
-        """Drop per-endpoint state and idle connections no live binding refers to."""
-        live = {k for b in self.bindings.values() for k in b.keys}
-        self.registry.retain(live)
-        self.pool.retain(live)
+        """Drop per-endpoint state and idle connections no live binding refers to (after a
+        whole table was published; deltas count references instead, _ref/_unref)."""
+        refs: dict[EndpointKey, int] = {}
+        for binding in self.bindings.values():
+            for key in binding.keys:
+                refs[key] = refs.get(key, 0) + 1
+        self.key_refs = refs
+        self.registry.retain(refs)
+        self.pool.retain(refs)
 
     # -- lookups for the hot path -----------------------------------------------------------
 

@@ -102,5 +102,16 @@ class UpstreamPool:
                 conn.close()
             idle.clear()
 
+    def forget(self, keys: Iterable[EndpointKey]) -> None:
+        """Close the idle connections of these endpoints, whatever their profile."""
+        profiles = {k[1] for k in self.idle}
+        for key in keys:
+            for profile in profiles:
+                idle = self.idle.pop((key, profile), None)
+                if idle is not None:
+                    for conn in idle:
+                        conn.close()
+                    idle.clear()
+
     def idle_count(self, key: EndpointKey) -> int:
         return sum(len(v) for k, v in self.idle.items() if k[0] == key)

@@ -254,7 +254,7 @@ class KubeSource:
         self.referenced: set[tuple[str, str]] = set(self.default_refs)
         self.watchers: list[KindWatcher] = []
         self.api: ApiTransport | None = None
-        self._fetching: set[tuple[str, str]] = set()
+        self.fetching: set[tuple[str, str]] = set()
 
     def _keep_secret(self, obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
@@ -273,8 +273,8 @@ class KubeSource:
                 if watcher.spec.kind == "Secret":
                     self.store.delete(watcher.source, gone)
         for ref in added:
-            if ref not in self._fetching and self.api is not None:
-                self._fetching.add(ref)
+            if ref not in self.fetching and self.api is not None:
+                self.fetching.add(ref)
                 asyncio.get_running_loop().create_task(self._fetch_secret(*ref))
 
     async def _fetch_secret(self, namespace: str, name: str) -> None:
@@ -296,7 +296,7 @@ class KubeSource:
         except (TimeoutError, aiohttp.ClientError, OSError, Gone) as exc:
             log.warning("Secret %s/%s could not be fetched: %s", namespace, name, exc)
         finally:
-            self._fetching.discard((namespace, name))
+            self.fetching.discard((namespace, name))
 
     async def run(self, on_listed: Callable[[], None]) -> None:
         api_client = await api_client_from(self.kubeconfig, self.in_cluster)

@@ -1,0 +1,218 @@
+"""A worker: one process, one event loop, serving traffic and nothing else.
+
+Started by the supervisor (`python -m edgeproxy.worker FD`) with its listening sockets and one
+end of a socketpair. Everything it knows arrives on that channel: settings, the route table as
+deltas (tablesync), certificates, the pod-wide health verdicts, and when to start and stop
+serving. It reports back what the supervisor decides on: the generation it serves, endpoint
+failures and recoveries, and its counters when asked. No Kubernetes client, compile or YAML
+here: the control plane never runs on this loop.
+
+Lifecycle: wait for the first complete table ("serve"), accept on the sockets of its slot,
+and on "stop" (or when the supervisor is gone) stop accepting, answer with Connection: close,
+close idle connections, give requests and tunnels in flight the drain timeout, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from edgeproxy.channel import Channel
+from edgeproxy.hosts import EndpointState
+from edgeproxy.tablesync import TableReceiver
+from edgeproxy.tls import SniCertificates
+
+log = logging.getLogger("edgeproxy.worker")
+
+DRAIN_POLL_S = 0.05
+
+
+class Worker:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.channel: Channel | None = None
+        self.dp: Any = None
+        self.slot = -1
+        self.listeners: list[tuple[str, int, list[int]]] = []
+        self.receiver = TableReceiver()
+        self.certificates = SniCertificates()
+        self.generation = -1
+        self.servers: list[Any] = []
+        self.serving = False
+        self.done = asyncio.Event()
+        self.stopping = False
+
+    # -- messages from the supervisor ------------------------------------------------------
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "table":
+            table, defined, gone, changed = self.receiver.apply_table(message)
+            self.dp.apply(table, defined, gone, changed)
+            self._live(message[1])
+        elif kind == "endpoints":
+            for cluster, keys in self.receiver.apply_endpoints(message):
+                self.dp.refresh_endpoints(cluster, keys)
+            self._live(message[1])
+        elif kind == "generation":
+            self._live(message[1])
+        elif kind == "health":
+            for key, consecutive, ejected_until, ejections in message[1]:
+                self.dp.registry.set_health(key, consecutive, ejected_until, ejections)
+        elif kind == "certs":
+            self._certificates(*message[1:])
+        elif kind == "stats":
+            self._send(("stats", message[1], self.stats(message[2])))
+        elif kind == "serve":
+            self.loop.create_task(self.serve())
+        elif kind == "stop":
+            self.loop.create_task(self.stop(message[1]))
+        elif kind == "init":
+            self._init(*message[1:])
+
+    def _init(self, slot: int, settings: Any, listeners: list[tuple[str, int, list[int]]]) -> None:
+        from edgeproxy.balancing import load_balancers
+        from edgeproxy.proxy.dataplane import Dataplane
+
+        self.slot = slot
+        self.listeners = listeners
+        dp = self.dp = Dataplane(settings, self.loop)
+        dp.balancer_types = load_balancers()
+        dp.registry.reporter = self.report
+        dp.backend_contexts = self.certificates.backend_context
+        from edgeproxy.tls import CertificateStore
+
+        dp.upstream_ssl = CertificateStore.upstream_context(None)  # type: ignore[arg-type]
+        dp.start()
+
+    def _certificates(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
+                      pems: dict[bytes, tuple[bytes, bytes]],
+                      cas: dict[tuple[str, str], bytes | None]) -> None:  # fmt: skip
+        self.certificates.update(exact, wildcard, default_id, pems)
+        changed = {ref for ref in cas.keys() | self.certificates.cas.keys()
+                   if cas.get(ref) != self.certificates.cas.get(ref)}  # fmt: skip
+        self.certificates.cas = cas
+        if changed and self.dp is not None:
+            self.dp.rebind([c for c in self.dp.bindings if c.transport.ca_secret in changed])
+
+    def _live(self, generation: int) -> None:
+        self.generation = generation
+        self._send(("live", generation))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def report(self, state: EndpointState, failed: bool) -> None:
+        """An outcome the pod-wide outlier detection counts (health.EndpointRegistry)."""
+        self._send(("outcome", state.key, failed))
+
+    def stats(self, with_endpoints: bool) -> dict[str, Any]:
+        """Counters (polled every second: kept small), per endpoint only when asked."""
+        dp = self.dp
+        endpoints = {}
+        if with_endpoints:
+            for key, state in dp.registry.states.items():
+                endpoints[key] = (state.in_flight, state.requests, state.failures,
+                                  dp.pool.idle_count(key))  # fmt: skip
+        return {
+            "status": {code: n for code, n in enumerate(dp.status_counts) if n},
+            "retries": dp.retries,
+            "connects": dp.pool.connects,
+            "connections": len(dp.connections),
+            "endpoints": endpoints,
+            "generation": self.generation,
+        }
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        if self.serving or self.stopping:
+            return
+        from edgeproxy.proxy import protocol_factory
+        from edgeproxy.proxy.http1_server import ClientConnection
+
+        dp = self.dp
+        gc.collect()
+        gc.freeze()  # what exists now lives as long as the process: keep it out of collections
+        gc.set_threshold(100_000, 50, 1000)
+        for scheme, port, fds in self.listeners:
+            context = self.certificates.server_context() if scheme == "https" else None
+            factory = _connections(ClientConnection, dp, scheme.encode(), str(port).encode())
+            for fd in fds:
+                self.servers.append(await self.loop.create_server(
+                    protocol_factory(factory), sock=socket.socket(fileno=fd), ssl=context,
+                    backlog=4096,
+                ))  # fmt: skip
+        self.serving = True
+        self._send(("serving",))
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, finish what is in flight (bounded), exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        dp = self.dp
+        for server in self.servers:
+            server.close()
+        if dp is not None:
+            dp.draining = True  # responses from now on carry Connection: close
+            deadline = self.loop.time() + drain_timeout
+            while self.loop.time() < deadline:
+                for conn in list(dp.connections):
+                    if conn.exchange is None and conn.tunnel is None and not conn.in_head:
+                        conn.close()  # idle keep-alive: nothing is lost by closing it now
+                if not dp.connections:
+                    break
+                await asyncio.sleep(DRAIN_POLL_S)
+            for conn in list(dp.connections):
+                conn.abort()  # past the drain timeout (tunnels included)
+            dp.stop()
+        self.done.set()
+
+    def supervisor_gone(self) -> None:
+        if not self.stopping:
+            self.loop.create_task(self.stop(5.0))
+
+
+def _connections(cls: Any, dp: Any, scheme: bytes, port: bytes) -> Callable[[], Any]:
+    return lambda: cls(dp, scheme, port)
+
+
+async def run(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(loop)
+    # The channel is the worker's before the first message arrives (which can be before
+    # create_unix_connection returns).
+    channel = worker.channel = Channel(worker.on_message, worker.supervisor_gone)
+    await loop.create_unix_connection(lambda: channel, sock=socket.socket(fileno=fd))
+    await worker.done.wait()
+    channel.close()
+
+
+def main() -> None:
+    # The supervisor decides when to stop (signals go to it; a terminal's Ctrl-C reaches
+    # the whole process group, and the supervisor turns it into an orderly drain).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("EDGEPROXY_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s",
+        stream=sys.stderr,
+    )
+    import uvloop
+
+    uvloop.run(run(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
