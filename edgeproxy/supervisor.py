@@ -164,10 +164,12 @@ class Supervisor:
 
     def _certificates_changed(self, result: CompileResult) -> None:
         snapshot = self.store.snapshot()
+        self.certificates.reading = self.kube.fetching if self.kube is not None else set()
         self.certificates.update(snapshot, result.tls)
         cas_refs = {c.transport.ca_secret for c in result.table.clusters()
                     if c.transport.ca_secret is not None}  # fmt: skip
-        for ref in cas_refs:  # report a missing or bad CA once, here rather than per worker
+        reading = self.kube.fetching if self.kube is not None else set()
+        for ref in cas_refs - reading:  # a missing or bad CA is reported here, not per worker
             cluster = next(c for c in result.table.clusters() if c.transport.ca_secret == ref)
             self.certificates.backend_context(snapshot, *ref, cluster.name, cluster.transport.server_name)
         self.cas = self.certificates.backend_cas(snapshot, cas_refs)
@@ -361,7 +363,8 @@ class Supervisor:
                 self.store, namespaces=args.watch_namespace, kubeconfig=args.kubeconfig,
                 in_cluster=args.in_cluster, default_secret=args.default_certificate,
             )  # fmt: skip
-            self.pipeline.on_published.append(lambda r: kube.references_changed(r.secrets()))
+            # Before the certificates' turn: a Secret being read is not reported missing.
+            self.pipeline.on_published.insert(0, lambda r: kube.references_changed(r.secrets()))
             self.sources_listed.append(False)
 
             def listed() -> None:

@@ -122,6 +122,7 @@ class CertificateStore:
         self.wildcard_ids: dict[str, bytes] = {}
         self.default_id = b""
         self._reported: set[str] = set()  # one log line per problem, not one per rebuild
+        self.reading: set[tuple[str, str]] = set()  # Secrets the source is reading right now
         self.default = self._self_signed()
 
     def _self_signed(self) -> ssl.SSLContext:
@@ -205,7 +206,8 @@ class CertificateStore:
         secret = snapshot.objects.get(("Secret", ns, name))
         label = f"Secret {ns}/{name} ({where})"
         if secret is None:
-            self._report(f"{label} not found; its hosts use the default certificate")
+            if (ns, name) not in self.reading:  # being read: not missing (yet)
+                self._report(f"{label} not found; its hosts use the default certificate")
             return None
         try:
             cert, key = secret_pem(secret, label)

@@ -4,7 +4,9 @@ It speaks what kubernetes-asyncio and edgeproxy use: lists with metadata.resourc
 chunked newline-delimited JSON watch streams from a resourceVersion, BOOKMARK events when
 allowWatchBookmarks is set, 410 Gone for versions older than the retained history (as an ERROR
 event, like the real API server, or as an HTTP status), fieldSelector type=... for Secrets,
-GET of a single object, and Lease / Ingress status writes. Tests drive it from the same loop:
+paginated lists (limit/continue, from one snapshot), metadata-only lists and watches (Accept
+as=PartialObjectMetadata[List]), watches that end early (watch_lifetime), GET of a single
+object, and Lease / Ingress status writes. `requests` records each LIST, WATCH and GET. Tests drive it from the same loop:
 apply, delete, compact the history, end the open watches, stop and start it.
 """
 
@@ -47,6 +49,10 @@ class FakeApiServer:
         self.event_sent_at: dict[int, float] = {}  # rv -> loop time the event left the server
         self.finish_epoch = 0
         self.compact_on_delete = False
+        self.get_delay = 0.0  # seconds before a GET of one object answers
+        self.watch_lifetime: float | None = None  # end every watch after this long (0: at once)
+        self._pages: dict[str, list[dict[str, Any]]] = {}  # continue token -> the rest
+        self._page_rv: dict[str, str] = {}
 
     # -- control, for tests ----------------------------------------------------------
 
@@ -87,10 +93,11 @@ class FakeApiServer:
                 transport.close()
         self._streams.clear()
 
-    def compact(self) -> None:
-        """Forget the event history: resuming a watch from an older version gets 410 Gone."""
+    def compact(self, including_current: bool = False) -> None:
+        """Forget the event history: resuming a watch from an older version gets 410 Gone
+        (from any version, current included, if asked: as after an etcd restore)."""
         self.history.clear()
-        self.oldest_rv = self.rv
+        self.oldest_rv = self.rv + 1 if including_current else self.rv
 
     def kubeconfig(self) -> str:
         return f"""apiVersion: v1
@@ -161,11 +168,34 @@ current-context: fake
         self.requests.append(f"{'WATCH' if request.query.get('watch') else 'LIST'} {kind}")
         if request.query.get("watch") in ("true", "1"):
             return await self._watch(request, kind, ns, selector)
-        items = [o for o in self.objects.values() if self._matches(o, kind, ns, selector)]
-        body = {"kind": f"{kind}List", "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self.rv)},
+        metadata_only = "as=PartialObjectMetadata" in request.headers.get("Accept", "")
+        token = request.query.get("continue")
+        if token:
+            if token not in self._pages:
+                return web.json_response({"kind": "Status", "code": 410, "reason": "Expired"}, status=410)  # fmt: skip
+            items, rv = self._pages.pop(token), self._page_rv.pop(token)
+        else:
+            items = [self._shape(o, metadata_only) for o in sorted(self.objects.values(), key=self._key)
+                     if self._matches(o, kind, ns, selector)]  # fmt: skip
+            rv = str(self.rv)
+        limit = int(request.query.get("limit") or 0)
+        meta: dict[str, Any] = {"resourceVersion": rv}
+        if limit and len(items) > limit:
+            next_token = f"page-{len(self.requests)}"
+            self._pages[next_token], self._page_rv[next_token] = items[limit:], rv
+            items = items[:limit]
+            meta["continue"] = next_token
+        body = {"kind": "PartialObjectMetadataList" if metadata_only else f"{kind}List",
+                "apiVersion": "v1", "metadata": meta,
                 "items": [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in items]}  # fmt: skip
         return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    @staticmethod
+    def _shape(obj: dict[str, Any], metadata_only: bool) -> dict[str, Any]:
+        if not metadata_only:
+            return obj
+        return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj["metadata"]}  # fmt: skip
 
     async def _watch(self, request: web.Request, kind: str, ns: str | None, selector: str | None) -> web.StreamResponse:  # fmt: skip
         self.watch_count += 1
@@ -182,12 +212,15 @@ current-context: fake
             await resp.prepare(request)
             await resp.write(orjson.dumps({"type": "ERROR", "object": gone}) + b"\n")
             return resp
+        metadata_only = "as=PartialObjectMetadata" in request.headers.get("Accept", "")
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         self._streams.add(resp)
         loop = asyncio.get_running_loop()
+        if self.watch_lifetime is not None:
+            timeout = min(timeout, self.watch_lifetime)
         deadline = loop.time() + timeout
         sent = since
         epoch = self.finish_epoch
@@ -195,14 +228,16 @@ current-context: fake
             while loop.time() < deadline and epoch == self.finish_epoch:
                 for rv, ev_kind, ev_type, obj in list(self.history):
                     if rv > sent and ev_kind == kind and self._matches(obj, kind, ns, selector):
-                        await resp.write(orjson.dumps({"type": ev_type, "object": obj}) + b"\n")
+                        shaped = self._shape(obj, metadata_only)
+                        await resp.write(orjson.dumps({"type": ev_type, "object": shaped}) + b"\n")
                         self.event_sent_at.setdefault(rv, loop.time())
                     if rv > sent:
                         sent = rv
                 sent = max(sent, self.rv)
                 async with self.changed:
                     try:
-                        await asyncio.wait_for(self.changed.wait(), self.bookmark_interval)
+                        wait = min(self.bookmark_interval, max(0.0, deadline - loop.time()))
+                        await asyncio.wait_for(self.changed.wait(), wait)
                     except TimeoutError:
                         if bookmarks:
                             mark = {"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
@@ -219,6 +254,9 @@ current-context: fake
         plural = request.match_info["plural"]
         kind, namespaced = ROUTES.get(plural, ("", False))
         ns = request.match_info.get("ns", "") if namespaced else ""
+        self.requests.append(f"GET {kind} {ns}/{request.match_info['name']}")
+        if self.get_delay:
+            await asyncio.sleep(self.get_delay)
         obj = self.objects.get((kind, ns, request.match_info["name"]))
         if obj is None:
             return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)  # fmt: skip

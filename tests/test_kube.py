@@ -33,12 +33,13 @@ async def api() -> AsyncIterator[FakeApiServer]:
 async def kube_proxy(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[Any]:
     started: list[EdgeProxy] = []
 
-    async def start(*extra: str, wait_ready: bool = True) -> EdgeProxy:
+    async def start(*extra: str, wait_ready: bool = True, https: bool = False) -> EdgeProxy:
         kubeconfig = tmp_path / "kubeconfig.yaml"
         kubeconfig.write_text(api.kubeconfig())
         proxy = EdgeProxy(None, tmp_path / f"edgeproxy-{len(started)}.log")
         started.append(proxy)
-        return await proxy.start("--kubeconfig", str(kubeconfig), *extra, wait_ready=wait_ready)
+        return await proxy.start("--kubeconfig", str(kubeconfig), *extra, wait_ready=wait_ready,
+                                 https=https)  # fmt: skip
 
     yield start
     for proxy in started:
@@ -218,11 +219,12 @@ async def test_only_referenced_tls_secrets_are_held(api: FakeApiServer, pods: Po
         return int(routes["objects"].get("Secret", 0))
 
     await eventually(lambda: _is(held(), 1))
-    # A new reference: fetched by name, then kept fresh by the narrow watch.
+    # A new reference: read by name, then again whenever the metadata watch shows a change.
     await api.apply(k8s.ingress("tls2", [("unused.example.com", [k8s.path("/", "web")])],
                                 tls=[{"hosts": ["unused.example.com"], "secretName": "unused"}]))  # fmt: skip
     await eventually(lambda: _is(held(), 2))
-    assert all("db-password" not in r for r in api.requests)
+    assert all("db-password" not in r for r in api.requests)  # never read
+    assert "GET Secret default/used" in api.requests
 
 
 async def test_ingress_status_is_written_once_by_the_leader(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:  # fmt: skip
@@ -323,13 +325,114 @@ async def test_referenced_backend_ca_secret_survives_a_relist(api: FakeApiServer
         routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
         return int(routes["objects"].get("Secret", 0))
 
-    await eventually(lambda: _is(held(), 1))  # fetched by name: the narrow watch skips Opaque
+    await eventually(lambda: _is(held(), 1))  # read by name
     lists = api.requests.count("LIST Secret")
-    await api.end_watches()  # every watcher lists again
+    api.compact(including_current=True)  # every watcher's version is gone: 410, lists again
+    await api.end_watches()
     await eventually(lambda: _is_true(api.requests.count("LIST Secret") > lists))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: _is_true(api.requests.count("WATCH Secret") >= 2))
     assert await held() == 1
 
 
 async def _is_true(value: bool) -> bool:
     return value
+
+
+KINDS = ("Ingress", "IngressClass", "Service", "EndpointSlice", "Secret")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+async def test_one_list_and_one_watch_per_kind_whatever_the_workers(
+    api: FakeApiServer, pods: Pods, kube_proxy: Any, workers: int
+) -> None:
+    port = await pods.start("127.0.0.2")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    proxy = await kube_proxy("--workers", str(workers))
+    # Every worker serves (connections spread over them), and each one got the table.
+    clients = [await Client.connect(proxy.http) for _ in range(4 * workers)]
+    for client in clients:
+        assert (await client.request("GET", "/", host="site.example.com")).status == 200
+        await client.close()
+    routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+    assert len(routes["workers"]) == workers and all(w["serving"] for w in routes["workers"])
+    await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.2", "127.0.0.3"), port))
+    await eventually(lambda: _is_true(api.watch_count >= len(KINDS)))
+    for kind in KINDS:
+        assert api.requests.count(f"LIST {kind}") == 1, (kind, api.requests)
+        assert api.requests.count(f"WATCH {kind}") == 1, (kind, api.requests)
+
+
+async def test_lists_are_paginated(api: FakeApiServer, pods: Pods, kube_proxy: Any) -> None:
+    port = await pods.start("127.0.0.2")
+    objs = simple_site(port, "127.0.0.2")
+    # 1,200 Services: three pages of 500; the one that routes is on the last page.
+    await api.apply(*[k8s.service(f"filler-{i:04}", 80) for i in range(1200)])
+    await api.apply(*objs)
+    proxy = await kube_proxy()
+    assert await pod_of(proxy) == "127.0.0.2"
+    assert api.requests.count("LIST Service") == 3
+    routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+    assert routes["objects"]["Service"] == 1201
+
+
+async def test_watches_that_end_at_once_are_resumed_with_backoff_not_relisted(
+    api: FakeApiServer, pods: Pods, kube_proxy: Any
+) -> None:
+    port = await pods.start("127.0.0.2", "127.0.0.3")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    proxy = await kube_proxy()
+    api.watch_lifetime = 0.0  # from now on every watch ends as soon as it starts
+    await api.finish_watches()
+    await eventually(lambda: _is_true(api.watch_count >= 3 * len(KINDS)), timeout=10)
+    before, loop = api.watch_count, asyncio.get_running_loop()
+    started = loop.time()
+    await eventually(lambda: _is_true(api.watch_count >= before + 2 * len(KINDS)), timeout=20)
+    rate = (api.watch_count - before) / (loop.time() - started)
+    assert rate < 5 * len(KINDS), rate  # backing off: not thousands per second
+    assert all(api.requests.count(f"LIST {kind}") == 1 for kind in KINDS)  # resumed, not listed
+    # The resumed watches still deliver.
+    api.watch_lifetime = None
+    await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
+    await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"), timeout=20)
+
+
+async def test_a_dropped_watch_connection_resumes_from_its_version(
+    api: FakeApiServer, pods: Pods, kube_proxy: Any
+) -> None:
+    port = await pods.start("127.0.0.2", "127.0.0.3")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    proxy = await kube_proxy()
+    watches = api.watch_count
+    await api.end_watches()  # connections cut, as a load balancer in front of the API would
+    await api.apply(k8s.endpoint_slice("web", k8s.ready("127.0.0.3"), port))
+    await eventually(lambda: _is(pod_of(proxy), "127.0.0.3"), timeout=20)
+    assert api.watch_count > watches
+    assert all(api.requests.count(f"LIST {kind}") == 1 for kind in KINDS)
+
+
+async def test_ready_only_once_the_referenced_certificate_is_loaded(
+    api: FakeApiServer, pods: Pods, kube_proxy: Any
+) -> None:
+    import ssl
+
+    ca = trustme.CA()
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("site.example.com")
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+              "metadata": {"name": "site-tls", "namespace": "default"},
+              "data": {"tls.crt": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
+                       "tls.key": base64.b64encode(cert.private_key_pem.bytes()).decode()}}  # fmt: skip
+    objs = simple_site(port, "127.0.0.2")
+    objs[1] = k8s.ingress("site", [("site.example.com", [k8s.path("/", "web")])],
+                          tls=[{"hosts": ["site.example.com"], "secretName": "site-tls"}])
+    await api.apply(*objs, secret)
+    api.get_delay = 0.5  # the Secret is read slowly: ready must wait for it
+    proxy = await kube_proxy(https=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(ctx)  # the self-signed default would fail verification
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https, ssl=ctx,
+                                                   server_hostname="site.example.com")  # fmt: skip
+    writer.write(b"GET / HTTP/1.1\r\nHost: site.example.com\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert "GET Secret default/site-tls" in api.requests

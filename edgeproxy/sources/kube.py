@@ -1,22 +1,26 @@
 """Kubernetes source: LIST then WATCH each kind, feeding the same ObjectStore as the manifests.
 
 Three layers, one job each (as kopf's watching.py):
-- `KindWatcher.run` reconnects forever, with jittered exponential backoff when the API server
-  is unreachable or answers 5xx; the last good table keeps serving meanwhile;
-- `KindWatcher._list_then_watch` lists once (replacing this kind's objects in the store, so
-  objects deleted meanwhile disappear), then watches from the list's resourceVersion,
-  re-watching from the last version seen whenever a stream ends;
+- `KindWatcher.run` lists and watches forever, with jittered exponential backoff when the API
+  server is unreachable or answers 5xx; the last good table keeps serving meanwhile;
+- `KindWatcher._list` lists in pages (limit/continue, so a large cluster lists within its
+  timeout) and replaces this kind's objects in the store, so objects deleted meanwhile go;
+- `KindWatcher._watch` watches from the list's resourceVersion and, whenever a stream ends
+  (cleanly at timeoutSeconds, or because the connection dropped), watches again from the last
+  version seen: only 410 Gone (as HTTP status or as an ERROR event) goes back to the list. A
+  stream that ends at once without an event backs off before the next, so a server or proxy
+  that closes watches immediately is not hammered;
 - `KindWatcher._watch_once` sends one watch request with allowWatchBookmarks and reads its
-  newline-delimited JSON events. 410 Gone (as HTTP status or as an ERROR event) goes back to
-  the list.
+  newline-delimited JSON events.
 
 kubernetes-asyncio supplies configuration, authentication and the HTTP requests; responses are
 read raw (`_preload_content=False`) and compiled from dicts, as the watch's raw_object would
 be: no model objects are built on this path. kubernetes_asyncio's own Watch retries a 410 once
 with the same version and then raises; the re-list is ours to do (its PR #327).
 
-TLS Secrets are watched narrowly (fieldSelector type=kubernetes.io/tls) and only those that
-served Ingresses reference are kept; a newly referenced one is fetched by name.
+Secrets are watched as metadata only (PartialObjectMetadata: names and resourceVersions, no
+keys); only the Secrets that served Ingresses reference are read, by name, when first
+referenced and whenever their resourceVersion changes. No Secret's data is streamed.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ WATCH_TIMEOUT_S = 290  # server-side timeoutSeconds; jittered so watchers do not
 READ_TIMEOUT_S = 120  # no byte (bookmarks included) for this long: the stream is dead
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 15.0
-TLS_SECRET_SELECTOR = "type=kubernetes.io/tls"
-BY_NAME_SOURCE = "kube:Secret:by-name"  # referenced Secrets the narrow watch does not cover
+LIST_PAGE = 500  # items per LIST page (kubectl and client-go use 500)
+QUICK_END_S = 1.0  # a watch that ends sooner than this without an event backs off
+SECRETS_SOURCE = "kube:Secret:by-name"  # the referenced Secrets, read by name
+METADATA_ACCEPT = ("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,"
+                   "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json")  # fmt: skip
 
 
 class Gone(Exception):
@@ -60,7 +67,7 @@ class KindSpec:
     group_path: str  # "/api/v1" or "/apis/<group>/<version>"
     plural: str
     namespaced: bool = True
-    field_selector: str | None = None
+    metadata_only: bool = False  # names and versions only (Secrets: their data is read by name)
 
     def path(self, namespace: str | None) -> str:
         if self.namespaced and namespace:
@@ -73,7 +80,7 @@ KIND_SPECS = (
     KindSpec("Ingress", "/apis/networking.k8s.io/v1", "ingresses"),
     KindSpec("Service", "/api/v1", "services"),
     KindSpec("EndpointSlice", "/apis/discovery.k8s.io/v1", "endpointslices"),
-    KindSpec("Secret", "/api/v1", "secrets", field_selector=TLS_SECRET_SELECTOR),
+    KindSpec("Secret", "/api/v1", "secrets", metadata_only=True),
 )
 
 
@@ -85,8 +92,8 @@ class ApiTransport:
 
     async def request(self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
                       body: Any = None, content_type: str = "application/json",
-                      timeout: Any = None) -> Any:  # fmt: skip
-        headers = {"Accept": "application/json"}
+                      timeout: Any = None, accept: str = "application/json") -> Any:  # fmt: skip
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         return await self.api_client.call_api(
@@ -94,8 +101,9 @@ class ApiTransport:
             auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
         )  # fmt: skip
 
-    async def get_json(self, path: str, query: list[tuple[str, Any]] | None = None) -> Any:
-        resp = await self.request("GET", path, query, timeout=30)
+    async def get_json(self, path: str, query: list[tuple[str, Any]] | None = None,
+                       accept: str = "application/json") -> Any:  # fmt: skip
+        resp = await self.request("GET", path, query, timeout=30, accept=accept)
         try:
             data = await resp.read()
             if resp.status == 410:
@@ -118,59 +126,78 @@ async def api_client_from(kubeconfig: Path | None, in_cluster: bool) -> Any:
 
 class KindWatcher:
     def __init__(self, spec: KindSpec, namespace: str | None, store: ObjectStore,
-                 api: ApiTransport, keep: Callable[[dict[str, Any]], bool] | None = None,
-                 on_listed: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 api: ApiTransport, on_listed: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.namespace = namespace
         self.store = store
         self.api = api
-        self.keep = keep
         self.on_listed = on_listed
+        # Metadata-only kinds hand their items and events to these instead of the store.
+        self.metadata_listed: Callable[[list[dict[str, Any]], str | None], None] | None = None
+        self.metadata_event: Callable[[str, dict[str, Any]], None] | None = None
         self.source = f"kube:{spec.kind}:{namespace or '*'}"
         self.resource_version = ""
         self.listed = False
         self.events = 0
+        self.lists = 0
+        self.watches = 0
+
+    @property
+    def accept(self) -> str:
+        return METADATA_ACCEPT if self.spec.metadata_only else "application/json"
 
     async def run(self, *, _iterations: int | None = None) -> None:
-        """Forever (or `_iterations` turns, for tests): list+watch, back off on failure."""
+        """Forever (or `_iterations` turns, for tests): list, then watch; back off on failure."""
         backoff = BACKOFF_START_S
         turn = 0
+        need_list = True
         while _iterations is None or turn < _iterations:
             turn += 1
             try:
-                await self._list_then_watch()
-                backoff = BACKOFF_START_S
+                if need_list:
+                    await self._list()
+                    need_list = False
+                    backoff = BACKOFF_START_S
+                await self._watch()
             except Gone:
                 log.info("%s: resourceVersion %s is gone; listing again", self.source,
                          self.resource_version)  # fmt: skip
+                need_list = True
                 backoff = BACKOFF_START_S
             except asyncio.CancelledError:
                 raise
             except (TimeoutError, aiohttp.ClientError, OSError, ApiError, ValueError) as exc:
+                # The store stays as it is; the next watch resumes from the last version seen
+                # (a list only if nothing was listed yet, or the version is gone).
                 delay = backoff * (0.5 + random.random())  # full jitter around the step
                 log.warning("%s: %s; retrying in %.1fs (the last good table keeps serving)",
                             self.source, exc or type(exc).__name__, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
 
-    def _query(self) -> list[tuple[str, Any]]:
-        query: list[tuple[str, Any]] = []
-        if self.spec.field_selector:
-            query.append(("fieldSelector", self.spec.field_selector))
-        return query
-
     async def _list(self) -> None:
-        data = await self.api.get_json(self.spec.path(self.namespace), self._query())
-        items = []
-        for item in data.get("items") or []:
-            if not isinstance(item, dict):
-                continue
-            # List items carry no kind/apiVersion of their own (only the List does).
-            item.setdefault("kind", self.spec.kind)
-            if self.keep is None or self.keep(item):
-                items.append(item)
-        self.resource_version = str((data.get("metadata") or {}).get("resourceVersion") or "")
-        self.store.replace(self.source, items)
+        items: list[dict[str, Any]] = []
+        query: list[tuple[str, Any]] = [("limit", LIST_PAGE)]
+        version = ""
+        while True:
+            self.lists += 1
+            data = await self.api.get_json(self.spec.path(self.namespace), query, self.accept)
+            meta = data.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion") or "")
+            for item in data.get("items") or []:
+                if isinstance(item, dict):
+                    # List items carry no kind/apiVersion of their own (only the List does).
+                    item["kind"] = self.spec.kind
+                    items.append(item)
+            token = meta.get("continue")
+            if not token:
+                break
+            query = [("limit", LIST_PAGE), ("continue", token)]  # an expired token is 410
+        self.resource_version = version
+        if self.metadata_listed is not None:
+            self.metadata_listed(items, self.namespace)
+        else:
+            self.store.replace(self.source, items)
         if not self.listed:
             self.listed = True
             log.info("%s: listed %d objects at resourceVersion %s", self.source, len(items),
@@ -178,20 +205,31 @@ class KindWatcher:
             if self.on_listed is not None:
                 self.on_listed()
 
-    async def _list_then_watch(self) -> None:
-        await self._list()
+    async def _watch(self) -> None:
+        """Watch again and again from the last version seen; returns only by exception."""
+        quick_ends = 0
+        loop = asyncio.get_running_loop()
         while True:
+            started, events = loop.time(), self.events
             await self._watch_once()
+            if self.events == events and loop.time() - started < QUICK_END_S:
+                quick_ends += 1  # ended at once, nothing delivered: do not spin
+                delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** min(quick_ends, 7))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+            else:
+                quick_ends = 0
 
     async def _watch_once(self) -> None:
-        query = self._query() + [
+        self.watches += 1
+        query: list[tuple[str, Any]] = [
             ("watch", "true"),
             ("resourceVersion", self.resource_version),
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", int(WATCH_TIMEOUT_S * (0.9 + random.random() * 0.2))),
         ]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)
-        resp = await self.api.request("GET", self.spec.path(self.namespace), query, timeout=timeout)
+        resp = await self.api.request("GET", self.spec.path(self.namespace), query,
+                                      timeout=timeout, accept=self.accept)  # fmt: skip
         try:
             if resp.status == 410:
                 raise Gone()
@@ -226,18 +264,17 @@ class KindWatcher:
         if kind == "BOOKMARK":
             return
         self.events += 1
-        obj.setdefault("kind", self.spec.kind)
-        if kind in ("ADDED", "MODIFIED"):
-            if object_key(obj) is None:
-                log.warning("%s: object without a name skipped", self.source)
-            elif self.keep is None or self.keep(obj):
-                self.store.upsert(self.source, obj)
-            else:
-                self.store.delete(self.source, obj)  # e.g. a Secret no longer referenced
+        obj["kind"] = self.spec.kind
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            log.warning("%s: unknown watch event type %r skipped", self.source, kind)
+        elif object_key(obj) is None:
+            log.warning("%s: object without a name skipped", self.source)
+        elif self.metadata_event is not None:
+            self.metadata_event(kind, obj)
         elif kind == "DELETED":
             self.store.delete(self.source, obj)
         else:
-            log.warning("%s: unknown watch event type %r skipped", self.source, kind)
+            self.store.upsert(self.source, obj)
 
 
 class KubeSource:
@@ -254,49 +291,87 @@ class KubeSource:
         self.referenced: set[tuple[str, str]] = set(self.default_refs)
         self.watchers: list[KindWatcher] = []
         self.api: ApiTransport | None = None
-        self.fetching: set[tuple[str, str]] = set()
+        self.fetching: set[tuple[str, str]] = set()  # referenced Secrets being read now
+        # Secret -> resourceVersion: as the metadata watch last saw it, and as last read.
+        self.secret_versions: dict[tuple[str, str], str] = {}
+        self.fetched_versions: dict[tuple[str, str], str] = {}
+        self.secrets_listed = False  # every namespace's Secret metadata listed once
+        self._secret_lists: set[str | None] = set()
 
-    def _keep_secret(self, obj: dict[str, Any]) -> bool:
+    # -- Secrets: metadata watch, data read by name -------------------------------------
+
+    def _secrets_listed(self, items: list[dict[str, Any]], namespace: str | None) -> None:
+        versions: dict[tuple[str, str], str] = {}
+        for item in items:
+            meta = item.get("metadata") or {}
+            ref = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+            versions[ref] = str(meta.get("resourceVersion") or "")
+        for ref in [r for r in self.secret_versions if namespace in (None, r[0])]:
+            if ref not in versions:
+                del self.secret_versions[ref]
+        self.secret_versions.update(versions)
+        self._secret_lists.add(namespace)
+        self.secrets_listed = len(self._secret_lists) == len(self.namespaces)
+        for ref in self.referenced:
+            if namespace in (None, ref[0]) and ref not in versions:
+                self._drop_secret(ref)
+            self._read_if_stale(ref)
+
+    def _secret_event(self, kind: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        return (meta.get("namespace") or "default", meta.get("name")) in self.referenced
+        ref = (meta.get("namespace") or "default", meta.get("name"))
+        if kind == "DELETED":
+            self.secret_versions.pop(ref, None)  # type: ignore[arg-type]
+            if ref in self.referenced:
+                self._drop_secret(ref)  # type: ignore[arg-type]
+            return
+        self.secret_versions[ref] = str(meta.get("resourceVersion") or "")  # type: ignore[index]
+        self._read_if_stale(ref)  # type: ignore[arg-type]
+
+    def _read_if_stale(self, ref: tuple[str, str]) -> None:
+        if ref not in self.referenced or ref in self.fetching or self.api is None:
+            return
+        version = self.secret_versions.get(ref)
+        if self.secrets_listed and version is None:
+            return  # it does not exist (yet): its ADDED event will bring it
+        if version is None or version != self.fetched_versions.get(ref):
+            self.fetching.add(ref)
+            asyncio.get_running_loop().create_task(self._fetch_secret(*ref))
+
+    def _drop_secret(self, ref: tuple[str, str]) -> None:
+        self.fetched_versions.pop(ref, None)
+        self.store.delete(SECRETS_SOURCE, {"kind": "Secret", "metadata": {"namespace": ref[0], "name": ref[1]}})
 
     def references_changed(self, secrets: Iterable[tuple[str, str]]) -> None:
         """Called after each compile with the Secrets served Ingresses name."""
         wanted = set(secrets) | self.default_refs
-        added = wanted - self.referenced
         removed = self.referenced - wanted
+        added = wanted - self.referenced
         self.referenced = wanted
-        for ns, name in removed:
-            gone = {"kind": "Secret", "metadata": {"namespace": ns, "name": name}}
-            self.store.delete(BY_NAME_SOURCE, gone)
-            for watcher in self.watchers:
-                if watcher.spec.kind == "Secret":
-                    self.store.delete(watcher.source, gone)
+        for ref in removed:
+            self._drop_secret(ref)
         for ref in added:
-            if ref not in self.fetching and self.api is not None:
-                self.fetching.add(ref)
-                asyncio.get_running_loop().create_task(self._fetch_secret(*ref))
+            self._read_if_stale(ref)
 
     async def _fetch_secret(self, namespace: str, name: str) -> None:
-        """A newly referenced Secret, fetched by name (the narrow watch keeps it fresh after)."""
+        """A referenced Secret, read by name (again whenever the metadata watch shows a new
+        resourceVersion)."""
         assert self.api is not None
+        ref = (namespace, name)
         try:
             obj = await self.api.get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-            obj.setdefault("kind", "Secret")
-            if (namespace, name) in self.referenced:
-                # A TLS Secret joins its watcher's objects (the narrow watch keeps it fresh);
-                # any other type (a backend CA) is kept apart, so a re-list does not drop it.
-                watcher = next((w for w in self.watchers if w.spec.kind == "Secret"
-                                and w.namespace in (None, namespace)), None)  # fmt: skip
-                tls = obj.get("type") == "kubernetes.io/tls"
-                source = watcher.source if (watcher and tls) else BY_NAME_SOURCE
-                self.store.upsert(source, obj)
+            obj["kind"] = "Secret"
+            if ref in self.referenced:
+                self.fetched_versions[ref] = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                self.store.upsert(SECRETS_SOURCE, obj)
         except ApiError as exc:
             log.warning("Secret %s/%s: %s; its hosts use the default certificate", namespace, name, exc)
-        except (TimeoutError, aiohttp.ClientError, OSError, Gone) as exc:
-            log.warning("Secret %s/%s could not be fetched: %s", namespace, name, exc)
+        except (TimeoutError, aiohttp.ClientError, OSError, Gone, ValueError) as exc:
+            log.warning("Secret %s/%s could not be read: %s", namespace, name, exc)
         finally:
-            self.fetching.discard((namespace, name))
+            self.fetching.discard(ref)
+        if ref in self.referenced and self.secret_versions.get(ref) not in (None, self.fetched_versions.get(ref)):
+            self._read_if_stale(ref)  # changed again while it was being read
 
     async def run(self, on_listed: Callable[[], None]) -> None:
         api_client = await api_client_from(self.kubeconfig, self.in_cluster)
@@ -314,8 +389,10 @@ class KubeSource:
 
         for spec in KIND_SPECS:
             for namespace in ([None] if not spec.namespaced else self.namespaces):
-                keep = self._keep_secret if spec.kind == "Secret" else None
-                watcher = KindWatcher(spec, namespace, self.store, self.api, keep=keep)
+                watcher = KindWatcher(spec, namespace, self.store, self.api)
+                if spec.kind == "Secret":
+                    watcher.metadata_listed = self._secrets_listed
+                    watcher.metadata_event = self._secret_event
                 pending.add(watcher.source)
                 watcher.on_listed = listed(watcher.source)
                 self.watchers.append(watcher)
