@@ -5,10 +5,18 @@
    change: from the moment the emulator wrote the watch event to the stream, to the first
    response answered by the new pod (keep-alive clients poll without pause). p50 and p99.
    Run with --ingresses N to have N other Ingresses (5 endpoints each) in the table meanwhile.
+   With --workers N, convergence is "served by every worker": pollers are spread over the
+   workers (told apart by their X-Request-ID prefix) and a change counts as converged when
+   each worker has answered from the new pod.
 2. Churn: with --ingresses Ingresses and 5 endpoints per Service, --churn-rate EndpointSlice
-   updates per second for --churn-seconds; edgeproxy's CPU time per second and per event.
+   updates per second for --churn-seconds; CPU time per second and per event, for the
+   supervisor (the control plane) and the workers (the data plane) apart.
+3. Stall (--stall): a steady client (--stall-rate requests per second, one at a time) measures
+   its latency idle, then while Ingresses and EndpointSlices churn at --churn-rate events per
+   second (half each); p50/p99/max of both, and the difference of the p99s.
 
     python benchmarks/convergence.py [--changes 200] [--ingresses 1000] [--churn-rate 50]
+                                     [--workers 2] [--stall]
 
 Loopback only; the filler endpoints (10.x addresses) only sit in the table and never get traffic.
 """
@@ -57,7 +65,11 @@ async def main() -> int:
     parser.add_argument("--ingresses", type=int, default=1000)
     parser.add_argument("--churn-rate", type=float, default=50.0)
     parser.add_argument("--churn-seconds", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=4, help="pollers per worker")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--stall", action="store_true")
+    parser.add_argument("--stall-rate", type=float, default=200.0)
+    parser.add_argument("--stall-seconds", type=float, default=10.0)
     args = parser.parse_args()
     loop = asyncio.get_running_loop()
 
@@ -70,18 +82,36 @@ async def main() -> int:
         kubeconfig = Path(tmp) / "kubeconfig"
         kubeconfig.write_text(api.kubeconfig())
         proxy = EdgeProxy(None, Path(tmp) / "edgeproxy.log")
-        await proxy.start("--kubeconfig", str(kubeconfig), "--log-level", "warning")
-        answers: list[tuple[float, str]] = []
+        await proxy.start("--kubeconfig", str(kubeconfig), "--log-level", "warning",
+                          "--workers", str(args.workers))  # fmt: skip
+        from edgeproxy.proxy import compiled
+
+        print(f"edgeproxy from {ROOT} (hot path: {'compiled' if compiled() else 'pure Python'}), "
+              f"{args.workers} worker(s)")  # fmt: skip
+        answers: list[tuple[float, str, str]] = []  # (time, pod, worker)
         stop = asyncio.Event()
 
-        async def poll() -> None:
-            client = await Client.connect(proxy.http)
+        async def poll(client: Client) -> None:
             while not stop.is_set():
                 resp = await client.request("GET", "/", host="site.example.com")
-                answers.append((loop.time(), json.loads(resp.body)["pod"]))
+                echo = json.loads(resp.body)
+                answers.append((loop.time(), echo["pod"], echo["x-request-id"][:16]))
             await client.close()
 
-        pollers = [asyncio.create_task(poll()) for _ in range(args.clients)]
+        # Pollers on every worker: connect until each worker has --clients of them.
+        per_worker: dict[str, list[Client]] = {}
+        for _ in range(200 * args.workers):
+            client = await Client.connect(proxy.http)
+            echo = json.loads((await client.request("GET", "/", host="site.example.com")).body)
+            group = per_worker.setdefault(echo["x-request-id"][:16], [])
+            if len(group) < args.clients:
+                group.append(client)
+            else:
+                await client.close()
+            if len(per_worker) == args.workers and all(len(g) == args.clients for g in per_worker.values()):
+                break
+        workers = set(per_worker)
+        pollers = [asyncio.create_task(poll(c)) for g in per_worker.values() for c in g]
         await asyncio.sleep(0.5)
         latencies = []
         target = "127.0.0.2"
@@ -92,30 +122,31 @@ async def main() -> int:
             while rv not in api.event_sent_at and loop.time() < deadline:
                 await asyncio.sleep(0.0005)
             sent = api.event_sent_at[rv]
-            seen = None
-            while seen is None and loop.time() < deadline:
-                seen = next((t for t, pod in reversed(answers) if pod == target and t > sent), None)  # fmt: skip
-                if seen is None:
-                    await asyncio.sleep(0.0005)
-            if seen is None:
-                print(f"change {i}: not converged in 5 s")
+
+            def converged(target: str = target, sent: float = sent) -> bool:
+                return {w for t, pod, w in answers if pod == target and t > sent} >= workers
+
+            while not converged() and loop.time() < deadline:
+                await asyncio.sleep(0.0005)
+            if not converged():
+                print(f"change {i}: not converged in every worker in 5 s")
                 continue
-            # The first answer from the new pod after the event: scan forward for accuracy.
-            first = min(t for t, pod in answers if pod == target and t > sent)
+            # Per worker, its first answer from the new pod after the event; the slowest counts.
+            first = max(min(t for t, pod, w in answers if pod == target and t > sent and w == worker)
+                        for worker in workers)  # fmt: skip
             latencies.append((first - sent) * 1000)
             answers.clear()
             await asyncio.sleep(random.uniform(0.01, 0.03))
-        stop.set()
-        await asyncio.gather(*pollers)
         latencies.sort()
         p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
-        print(f"convergence over {len(latencies)} changes with {args.ingresses} other Ingresses: "
+        print(f"convergence (every worker) over {len(latencies)} changes with {args.ingresses} other Ingresses: "
               f"p50 {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms")  # fmt: skip
 
         # Churn: EndpointSlice updates of the filler Services at a fixed rate.
         assert proxy.proc is not None
+        worker_pids = [w["pid"] for w in json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)["workers"]]  # fmt: skip
         pid = proxy.proc.pid
-        before = cpu_seconds(pid)
+        before = cpu_seconds(pid), sum(cpu_seconds(w) for w in worker_pids)
         started = loop.time()
         events = 0
         while loop.time() - started < args.churn_seconds:
@@ -126,17 +157,76 @@ async def main() -> int:
             await asyncio.sleep(1 / args.churn_rate)
         await asyncio.sleep(1.0)  # let the last rebuilds finish
         elapsed = loop.time() - started
-        used = cpu_seconds(pid) - before
+        used = cpu_seconds(pid) - before[0], sum(cpu_seconds(w) for w in worker_pids) - before[1]
         metrics = (await fetch(proxy.admin, "GET", "/metrics")).body.decode()
         rebuilds = next(line.split()[1] for line in metrics.splitlines()
                         if line.startswith("edgeproxy_route_rebuilds_total"))  # fmt: skip
         print(f"churn: {events} EndpointSlice events in {elapsed:.1f} s with {args.ingresses} Ingresses "
-              f"and {args.ingresses * 5} endpoints: edgeproxy CPU {used / elapsed * 100:.0f}% of a core, "
-              f"{used / events * 1000:.1f} ms per event, {rebuilds} rebuilds in all")  # fmt: skip
+              f"and {args.ingresses * 5} endpoints: supervisor CPU {used[0] / elapsed * 100:.0f}% of a core "
+              f"({used[0] / events * 1000:.2f} ms per event), workers {used[1] / elapsed * 100:.0f}% "
+              f"({used[1] / events * 1000:.2f} ms per event, pollers' traffic included); "
+              f"{rebuilds} rebuilds in all")  # fmt: skip
+        stop.set()
+        await asyncio.gather(*pollers)
+        if args.stall:
+            await stall(args, api, proxy, port)
         await proxy.stop()
     await pods.close()
     await api.stop()
     return 0
+
+
+async def steady(proxy: EdgeProxy, rate: float, seconds: float) -> list[float]:
+    """One client, one request at a time, paced at `rate`: its latencies in ms."""
+    loop = asyncio.get_running_loop()
+    client = await Client.connect(proxy.http)
+    latencies = []
+    started = loop.time()
+    n = 0
+    while loop.time() - started < seconds:
+        t0 = loop.time()
+        await client.request("GET", "/", host="site.example.com")
+        latencies.append((loop.time() - t0) * 1000)
+        n += 1
+        pause = started + n / rate - loop.time()
+        if pause > 0:
+            await asyncio.sleep(pause)
+    await client.close()
+    return sorted(latencies)
+
+
+def summary(latencies: list[float]) -> str:
+    p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+    return f"p50 {statistics.median(latencies):.2f} ms, p99 {p99:.2f} ms, max {latencies[-1]:.2f} ms"
+
+
+async def stall(args: argparse.Namespace, api: FakeApiServer, proxy: EdgeProxy, port: int) -> None:
+    """The data plane's latency while the control plane churns (Ingresses and EndpointSlices)."""
+    idle = await steady(proxy, args.stall_rate, args.stall_seconds)
+    done = asyncio.Event()
+
+    async def churn() -> int:
+        events = 0
+        while not done.is_set():
+            i = random.randrange(args.ingresses)
+            if events % 2:
+                ready = [f"10.{i // 250}.{i % 250}.{j}" for j in random.sample(range(1, 7), 5)]
+                await api.apply(k8s.endpoint_slice(f"svc-{i}", k8s.ready(*ready), 8080))
+            else:  # an Ingress changes: a new path on its host
+                await api.apply(k8s.ingress(f"other-{i}", [(f"h{i}.example.org", [
+                    k8s.path("/", f"svc-{i}"), k8s.path(f"/v{events}", f"svc-{i}")])]))  # fmt: skip
+            events += 1
+            await asyncio.sleep(1 / args.churn_rate)
+        return events
+
+    churner = asyncio.create_task(churn())
+    busy = await steady(proxy, args.stall_rate, args.stall_seconds)
+    done.set()
+    events = await churner
+    p99 = lambda xs: xs[max(0, int(len(xs) * 0.99) - 1)]  # noqa: E731
+    print(f"steady client, idle: {summary(idle)}")
+    print(f"steady client, {events} Ingress+EndpointSlice events at {args.churn_rate:.0f}/s: "
+          f"{summary(busy)}; p99 +{p99(busy) - p99(idle):.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

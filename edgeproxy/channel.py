@@ -16,6 +16,11 @@ from typing import Any
 HEADER = struct.Struct("!I")
 
 
+def frame(message: tuple[Any, ...]) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
 class Channel(asyncio.Protocol):
     def __init__(self, on_message: Callable[[tuple[Any, ...]], None],
                  on_closed: Callable[[], None]) -> None:  # fmt: skip
@@ -45,10 +50,12 @@ class Channel(asyncio.Protocol):
             self.on_message(pickle.loads(payload))
 
     def send(self, message: tuple[Any, ...]) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.transport.write(HEADER.pack(len(data)) + data)
+        self.send_frame(frame(message))
+
+    def send_frame(self, data: bytes) -> None:
+        """A message already framed (frame()): a broadcast pickles once for every worker."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeproxy.channel import Channel
+from edgeproxy.channel import Channel, frame
 from edgeproxy.compile import CompileResult
 from edgeproxy.config import Settings
 from edgeproxy.health import EndpointRegistry
@@ -158,9 +158,10 @@ class Supervisor:
         self.registry.retain(index)
 
     def broadcast(self, message: tuple[Any, ...]) -> None:
+        data = frame(message)  # pickled once, whatever the number of workers
         for worker in self.workers:
-            if worker is not None:
-                worker.send(message)
+            if worker is not None and worker.channel is not None and not worker.gone:
+                worker.channel.send_frame(data)
 
     def _certificates_changed(self, result: CompileResult) -> None:
         snapshot = self.store.snapshot()
@@ -491,7 +492,9 @@ class Supervisor:
 
         runner = web.AppRunner(AdminApp(self).app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.args.admin[0], self.args.admin[1]).start()
+        # SO_REUSEPORT: a successor taking over the data ports (listeners.py) binds the same
+        # admin port while this one drains; probes reach either until this one exits.
+        await web.TCPSite(runner, self.args.admin[0], self.args.admin[1], reuse_port=True).start()
         log.info("admin listener on %s:%d", *self.args.admin)
         return runner
 

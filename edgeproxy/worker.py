@@ -32,6 +32,7 @@ from edgeproxy.tls import SniCertificates
 log = logging.getLogger("edgeproxy.worker")
 
 DRAIN_POLL_S = 0.05
+IDLE_GRACE_S = 1.0  # while draining, a keep-alive connection idle this long is closed
 
 
 class Worker:
@@ -168,9 +169,15 @@ class Worker:
             dp.draining = True  # responses from now on carry Connection: close
             deadline = self.loop.time() + drain_timeout
             while self.loop.time() < deadline:
+                # A keep-alive connection idle for IDLE_GRACE_S is closed; one that was busy
+                # just now gets its next response with Connection: close instead, so a
+                # client's request already on the way is answered, not cut off.
+                # (An idle connection's deadline is its last activity plus the keep-alive time.)
+                last_quiet = dp.now - IDLE_GRACE_S + dp.keepalive_timeout
                 for conn in list(dp.connections):
-                    if conn.exchange is None and conn.tunnel is None and not conn.in_head:
-                        conn.close()  # idle keep-alive: nothing is lost by closing it now
+                    if (conn.exchange is None and conn.tunnel is None and not conn.in_head
+                            and conn.deadline <= last_quiet):  # fmt: skip
+                        conn.close()
                 if not dp.connections:
                     break
                 await asyncio.sleep(DRAIN_POLL_S)

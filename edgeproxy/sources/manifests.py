@@ -22,6 +22,9 @@ log = logging.getLogger("edgeproxy.manifests")
 
 SOURCE_NAME = "manifests"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+# libyaml's safe loader (in PyYAML's wheels) parses about 7x faster than the pure-Python one,
+# which dominated the start at 50,000 Ingresses; the same safe tag set either way.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def manifest_files(paths: list[Path]) -> list[Path]:
@@ -57,7 +60,7 @@ def load_file(path: Path) -> list[dict[str, Any]]:
         if path.suffix == ".json":
             docs: list[Any] = [orjson.loads(raw)]
         else:
-            docs = list(yaml.safe_load_all(raw))
+            docs = list(yaml.load_all(raw, Loader=SAFE_LOADER))
     except (OSError, yaml.YAMLError, orjson.JSONDecodeError) as exc:
         log.error("skipping manifest file %s: cannot parse it: %s", path, exc)
         return []
