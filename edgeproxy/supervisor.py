@@ -112,7 +112,7 @@ class Supervisor:
         self.sender = TableSender()
         self.certificates = CertificateStore(args.default_certificate)
         self.registry = EndpointRegistry(loop.time, settings.outlier)  # the pod-wide verdicts
-        self.key_cids: dict[EndpointKey, list[int]] = {}  # endpoint -> the clusters listing it
+        self.key_cids: dict[EndpointKey, set[int]] = {}  # endpoint -> the clusters listing it
         self.pipeline = RoutePipeline(
             self.store, [self], only_class=args.ingress_class, balancers=load_balancers(),
             default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
@@ -139,23 +139,37 @@ class Supervisor:
 
     def publish(self, result: CompileResult) -> None:
         message = self.sender.update(result.table)
-        self._index_endpoints()
         self.broadcast(message)
-
-    def refresh_endpoints(self, changes: EndpointChanges) -> None:
-        message = self.sender.refresh(changes, self.store.generation)
-        self._index_endpoints()
-        self.broadcast(message)
-
-    def _index_endpoints(self) -> None:
-        index: dict[EndpointKey, list[int]] = {}
+        index: dict[EndpointKey, set[int]] = {}
         for cid, keys in self.sender.keys.items():
             for key in keys:
-                index.setdefault(key, []).append(cid)
+                index.setdefault(key, set()).add(cid)
         self.key_cids = index
         for key in index:
             self.registry.get(key)
         self.registry.retain(index)
+
+    def refresh_endpoints(self, changes: EndpointChanges) -> None:
+        """An EndpointSlice event: costs the clusters it changed, not the table."""
+        before = {cid: self.sender.keys.get(cid, ()) for cid in
+                  (self.sender.cids.get(c) for c, _ in changes) if cid is not None}  # fmt: skip
+        message = self.sender.refresh(changes, self.store.generation)
+        self.broadcast(message)
+        index = self.key_cids
+        gone = []
+        for cid, old in before.items():
+            new = self.sender.keys.get(cid, ())
+            for key in set(new) - set(old):
+                index.setdefault(key, set()).add(cid)
+                self.registry.get(key)
+            for key in set(old) - set(new):
+                cids = index.get(key)
+                if cids is not None:
+                    cids.discard(cid)
+                    if not cids:
+                        del index[key]
+                        gone.append(key)
+        self.registry.forget(gone)
 
     def broadcast(self, message: tuple[Any, ...]) -> None:
         data = frame(message)  # pickled once, whatever the number of workers
@@ -191,10 +205,10 @@ class Supervisor:
         if state is None:
             return  # an endpoint that left the table meanwhile
         if failed:
-            cids = self.key_cids.get(key) or []
-            peers_keys = self.sender.keys.get(cids[0], (key,)) if cids else (key,)
+            cid = min(self.key_cids.get(key) or {-1})  # one of its clusters: the cap's base
+            peers_keys = self.sender.keys.get(cid, (key,))
             peers = [self.registry.states[k] for k in peers_keys if k in self.registry.states]
-            outlier = self.sender.clusters[cids[0]].outlier if cids else None
+            outlier = self.sender.clusters[cid].outlier if cid in self.sender.clusters else None
             state.failures += 1
             self.registry.record_failure(state, peers, outlier)
             state.failures -= 1  # record_failure counted it; workers count requests and failures
