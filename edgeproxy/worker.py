@@ -122,9 +122,12 @@ class Worker:
         dp = self.dp
         endpoints = {}
         if with_endpoints:
+            idle: dict[Any, int] = {}
+            for (key, _), connections in dp.pool.idle.items():  # one pass, not one per endpoint
+                idle[key] = idle.get(key, 0) + len(connections)
             for key, state in dp.registry.states.items():
                 endpoints[key] = (state.in_flight, state.requests, state.failures,
-                                  dp.pool.idle_count(key))  # fmt: skip
+                                  idle.get(key, 0))  # fmt: skip
         return {
             "status": {code: n for code, n in enumerate(dp.status_counts) if n},
             "retries": dp.retries,

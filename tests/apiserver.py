@@ -13,7 +13,9 @@ apply, delete, compact the history, end the open watches, stop and start it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
+import time
 from typing import Any
 
 import orjson
@@ -46,7 +48,7 @@ class FakeApiServer:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._streams: set[web.StreamResponse] = set()
-        self.event_sent_at: dict[int, float] = {}  # rv -> loop time the event left the server
+        self.event_sent_at: dict[int, float] = {}  # rv -> perf_counter time the event left the server (fine-grained: uvloop's loop time is in ms)
         self.finish_epoch = 0
         self.compact_on_delete = False
         self.get_delay = 0.0  # seconds before a GET of one object answers
@@ -226,11 +228,13 @@ current-context: fake
         epoch = self.finish_epoch
         try:
             while loop.time() < deadline and epoch == self.finish_epoch:
-                for rv, ev_kind, ev_type, obj in list(self.history):
+                # History is in resourceVersion order: start after what this stream has sent.
+                start = bisect.bisect_right(self.history, sent, key=lambda event: event[0])
+                for rv, ev_kind, ev_type, obj in self.history[start:]:
                     if rv > sent and ev_kind == kind and self._matches(obj, kind, ns, selector):
                         shaped = self._shape(obj, metadata_only)
                         await resp.write(orjson.dumps({"type": ev_type, "object": shaped}) + b"\n")
-                        self.event_sent_at.setdefault(rv, loop.time())
+                        self.event_sent_at.setdefault(rv, time.perf_counter())
                     if rv > sent:
                         sent = rv
                 sent = max(sent, self.rv)

@@ -112,6 +112,3 @@ class UpstreamPool:
                     for conn in idle:
                         conn.close()
                     idle.clear()
-
-    def idle_count(self, key: EndpointKey) -> int:
-        return sum(len(v) for k, v in self.idle.items() if k[0] == key)
