@@ -17,6 +17,12 @@ proxies) and `handshake` (TLS with `Connection: close`, so every request is a ne
 
     python benchmarks/http_vs_nginx.py [--mode http|https|handshake] [--rounds 5] [--duration 10]
 
+Every core (--workers 2): nothing is pinned; edgeproxy with 2 workers, edgeproxy with 1 worker
+and nginx with 2 worker processes share both cores with wrk (-t2) and the backend, as on a
+node where the load is local. Ratios: 2 workers against 1, and against nginx's 2.
+
+CPU and syscalls are those of the whole process tree (edgeproxy's supervisor and workers).
+
 Installs wrk and nginx with apt-get when missing. Loopback only. Writes results/http.json.
 """
 
@@ -66,6 +72,21 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def wait_ready(admin_port: int, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("edgeproxy never became ready")
+
+
 def build_of(python: str) -> str:
     """Which edgeproxy that interpreter imports, asked from outside any checkout."""
     return subprocess.run(
@@ -79,12 +100,13 @@ def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def start_nginx(workdir: Path, name: str, http_block: str, core: int) -> subprocess.Popen[bytes]:
+def start_nginx(workdir: Path, name: str, http_block: str, core: int,
+                workers: int = 1) -> subprocess.Popen[bytes]:  # fmt: skip
     conf = workdir / f"{name}.conf"
     conf.write_text(f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
-master_process off;
+master_process {"on" if workers > 1 else "off"};
 user root;
 pid {workdir}/{name}.pid;
 error_log {workdir}/{name}.err warn;
@@ -97,7 +119,7 @@ http {{
   {http_block}
 }}
 """)
-    return subprocess.Popen(["taskset", "-c", str(core), nginx_bin(), "-c", str(conf),
+    return subprocess.Popen(["taskset", "-c", cores(core), nginx_bin(), "-c", str(conf),
                              "-p", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -142,25 +164,51 @@ def manifests(workdir: Path, backend_port: int, extra_ingresses: int, tls: tuple
     return path
 
 
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (edgeproxy's workers are its children)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            pids.extend(tree(int(child)))
+    return pids
+
+
 def proc_cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of the process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(user, system) CPU seconds of the process tree so far."""
+    user = system = 0.0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def proc_syscalls(pid: int) -> tuple[int, int]:
-    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(io["syscr"]), int(io["syscw"])
+    reads = writes = 0
+    for p in tree(pid):
+        io = dict(line.split(": ") for line in Path(f"/proc/{p}/io").read_text().splitlines())
+        reads += int(io["syscr"])
+        writes += int(io["syscw"])
+    return reads, writes
 
 
 MODE = "http"
+WORKERS = 1  # --workers: 1 pins proxy and load apart; more shares every core unpinned
+
+
+def cores(core: int) -> str:
+    return str(core) if WORKERS == 1 else f"0-{os.cpu_count() - 1}"  # type: ignore[operator]
 
 
 def run_wrk(port: int, duration: int, connections: int, core: int) -> dict[str, float]:
     scheme = "http" if MODE == "http" else "https"
     extra = ["-H", "Connection: close"] if MODE == "handshake" else []
     out = subprocess.run(
-        ["taskset", "-c", str(core), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+        ["taskset", "-c", cores(core), "wrk", f"-t{WORKERS}", f"-c{connections}", f"-d{duration}s",
          "--latency", "-H", f"Host: {HOST}", *extra, f"{scheme}://127.0.0.1:{port}{PATH}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -199,14 +247,18 @@ def main() -> int:
     parser.add_argument("--skip-10k", action="store_true")
     parser.add_argument("--mode", choices=("http", "https", "handshake"), default="http")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="proxy workers (edgeproxy --workers, nginx worker_processes); with "
+                             "more than 1, nothing is pinned and edgeproxy with 1 worker runs too")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose installed edgeproxy is measured (default: this one)")
     parser.add_argument("--compare", metavar="PYTHON",
                         help="also measure the edgeproxy installed for this interpreter "
                              "(another build, e.g. the previous commit) in the same rounds")
     args = parser.parse_args()
-    global MODE
+    global MODE, WORKERS
     MODE = args.mode
+    WORKERS = args.workers
     args.out = args.out or ROOT / "results" / f"{args.mode}.json"
     ensure_tools()
     tls: tuple[bytes, bytes] | None = None
@@ -256,29 +308,31 @@ def main() -> int:
       proxy_set_header X-Forwarded-Port $server_port;
       proxy_set_header X-Request-ID $request_id;
     }}
-  }}""", 0))  # fmt: skip
+  }}""", 0, args.workers))  # fmt: skip
             wait_port(nginx_port)
             targets: dict[str, tuple[int, int]] = {"nginx": (procs[-1].pid, nginx_port)}
-            variants = [("edgeproxy", 0, [], edgeproxy)]
+            variants = [("edgeproxy", 0, ["--workers", str(args.workers)], edgeproxy)]
+            if args.workers > 1:
+                variants.append(("edgeproxy-1-worker", 0, ["--workers", "1"], edgeproxy))
             if args.compare:
                 variants.append(("edgeproxy-compare", 0, [], [args.compare, "-m", "edgeproxy.cli"]))
-            if not args.skip_10k:
+            if not args.skip_10k and args.workers == 1:
                 variants.append(("edgeproxy-10k", 10_000, [], edgeproxy))
             if args.balancers:
                 variants += [("edgeproxy-least_conn", 0, ["--default-balancer", "least_conn"], edgeproxy),
                              ("edgeproxy-hash", 0, ["--default-balancer", "hash"], edgeproxy)]  # fmt: skip
             for name, extra, flags, command in variants:
-                port = free_port()
+                port, admin = free_port(), free_port()
                 proc = subprocess.Popen(
-                    ["taskset", "-c", "0", *command, "run",
+                    ["taskset", "-c", cores(0), *command, "run",
                      "--manifests", str(manifests(work, backend_port, extra, tls)),
                      "--https" if tls else "--http", f"127.0.0.1:{port}",
-                     "--admin", f"127.0.0.1:{free_port()}",
+                     "--admin", f"127.0.0.1:{admin}",
                      "--log-level", "warning", *flags],
                     cwd=work, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
                 procs.append(proc)
-                wait_port(port, 120)
+                wait_ready(admin, 180)  # the data port accepts early (backlog); ready is later
                 targets[name] = (proc.pid, port)
 
             rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -309,13 +363,18 @@ def main() -> int:
         summary[name] = {key: statistics.median(r[key] for r in results)
                          for key in ("rps", "p99_ms", "cpu_us_per_req", "user_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
     base = summary["nginx"]
-    print(f"\n{args.mode}: medians over {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s")
+    print(f"\n{args.mode}: medians over {args.rounds} rounds, wrk -t{args.workers} -c{args.connections} "
+          f"-d{args.duration}s, {args.workers} proxy worker(s)")  # fmt: skip
     print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'(user)':>7s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
     for name, s in summary.items():
         print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} {s['user_us_per_req']:7.1f} "
               f"{s['reads_per_req']:10.2f} {s['writes_per_req']:11.2f}  "
               f"{s['rps'] / base['rps']:.2f}x {s['p99_ms'] / base['p99_ms']:.2f}x "
               f"{s['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x")  # fmt: skip
+    if "edgeproxy-1-worker" in summary:
+        one, two = summary["edgeproxy-1-worker"], summary["edgeproxy"]
+        print(f"edgeproxy {args.workers} workers vs 1: {two['rps'] / one['rps']:.2f}x req/s, "
+              f"{two['cpu_us_per_req'] / one['cpu_us_per_req']:.2f}x CPU per request")  # fmt: skip
     if "edgeproxy-10k" in summary:
         print(f"lookup among 10,000 Ingresses: {summary['edgeproxy-10k']['rps'] / summary['edgeproxy']['rps']:.3f}x "
               "the req/s with one")  # fmt: skip

@@ -18,6 +18,22 @@ ObjectKey = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cl
 K8sObject = dict[str, Any]
 
 
+# What no compile reads and a real cluster's objects carry, often as most of their bytes.
+DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def slim(obj: K8sObject) -> K8sObject:
+    """Drop metadata.managedFields and kubectl's last-applied copy: memory per object."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict):
+            for name in DROPPED_ANNOTATIONS:
+                annotations.pop(name, None)
+    return obj
+
+
 def object_key(obj: Mapping[str, Any]) -> ObjectKey | None:
     kind = obj.get("kind")
     meta = obj.get("metadata") or {}
@@ -79,7 +95,7 @@ class ObjectStore:
         for obj in objects:
             key = object_key(obj)
             if key is not None:
-                fresh[key] = obj
+                fresh[key] = slim(obj)
         old = self._by_source.get(source, {})
         self._by_source[source] = fresh
         changed = False
@@ -94,7 +110,7 @@ class ObjectStore:
     def upsert(self, source: str, obj: K8sObject) -> None:
         key = object_key(obj)
         if key is not None:
-            self._by_source.setdefault(source, {})[key] = obj
+            self._by_source.setdefault(source, {})[key] = slim(obj)
             self._merge(key)
             self._changed()
 

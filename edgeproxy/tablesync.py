@@ -94,7 +94,7 @@ class TableSender:
         self.cids: dict[Cluster, int] = {}  # the current table's cluster objects -> cid
         self.clusters: dict[int, Cluster] = {}  # cid -> definition as the workers hold it
         self.keys: dict[int, Keys] = {}  # cid -> endpoints as the workers hold them
-        self._signatures: dict[GroupKey, tuple[Any, ...]] = {}
+        self._signatures: dict[GroupKey, int] = {}
         self._groups: dict[GroupKey, HostRoutes | Route] = {}
         self.tls_hosts: frozenset[str] = frozenset()
         self.generation = 0
@@ -137,10 +137,13 @@ class TableSender:
 
         groups = _groups(table)
         changes: list[tuple[GroupKey, HostRoutes | Route | None]] = []
-        signatures: dict[GroupKey, tuple[Any, ...]] = {}
+        signatures: dict[GroupKey, int] = {}
         for key, group in groups.items():
-            signature = signatures[key] = self._group_signature(group)
-            if self._signatures.get(key) != signature:
+            # Kept as a hash, not the tuple: one int per host instead of a copy of its routes
+            # (the supervisor's memory per Ingress). Hashes are salted per process (SipHash for
+            # the strings in it), so a collision cannot be aimed at; by chance it is ~2**-64.
+            digest = signatures[key] = hash(self._group_signature(group))
+            if self._signatures.get(key) != digest:
                 changes.append((key, group))
         changes.extend((key, None) for key in self._signatures if key not in groups)
         self._signatures, self._groups = signatures, groups
