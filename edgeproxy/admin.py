@@ -7,17 +7,16 @@ Off the hot path, so a framework is fine here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from edgeproxy.supervisor import Supervisor
-
 
 class AdminApp:
-    def __init__(self, supervisor: Supervisor) -> None:
+    # `supervisor`: edgeproxy.supervisor.Supervisor, which imports this module (so not typed
+    # by import here: the imports stay one-way).
+    def __init__(self, supervisor: Any) -> None:
         self.sup = supervisor
         self.app = web.Application()
         self.app.add_routes(
