@@ -8,6 +8,7 @@ already scheduled.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -20,7 +21,7 @@ from edgeproxy.compile import (
 )
 from edgeproxy.config import OutlierSettings
 from edgeproxy.hosts import EndpointKey
-from edgeproxy.objects import ObjectStore
+from edgeproxy.objects import ObjectStore, Snapshot
 from edgeproxy.routing import Cluster
 
 log = logging.getLogger("edgeproxy.pipeline")
@@ -78,6 +79,11 @@ class RoutePipeline:
         self.endpoint_refreshes = 0
         self.last_rebuild_seconds = 0.0
         self._scheduled = False
+        self._compiling = False
+        self._carried_kinds: set[str] = set()  # changes that came while a compile ran
+        self._carried_services: set[tuple[str, str]] = set()
+        # Set by the supervisor: compile there (a one-thread executor); None: on the loop.
+        self.compile_thread: concurrent.futures.Executor | None = None
         self._reported: set[str] = set()
         self.on_published: list[Callable[[CompileResult], None]] = []
         store.subscribe(self.changed)
@@ -91,16 +97,37 @@ class RoutePipeline:
         self._scheduled = False
         started = time.perf_counter()
         kinds, services = self.store.take_changes()
+        kinds |= self._carried_kinds
+        services |= self._carried_services
+        self._carried_kinds, self._carried_services = set(), set()
         generation = self.store.generation
         if self.last is not None and kinds == {"EndpointSlice"}:
             self._refresh_endpoints(services)
-            self.published_generation = generation
+            if not self._compiling:
+                self.published_generation = generation
+            else:  # the compile in flight read older slices: resolve these again after it
+                self._carried_kinds.add("EndpointSlice")
+                self._carried_services |= services
             self.endpoint_refreshes += 1
             self.last_rebuild_seconds = time.perf_counter() - started
             return
+        if self._compiling:  # one compile at a time; this change is compiled after it
+            self._carried_kinds |= kinds
+            self._carried_services |= services
+            return
         snapshot = self.store.snapshot()
+        if self.compile_thread is None:
+            self._compiled(self._compile(snapshot), snapshot.generation, started)
+            return
+        # Off the loop, in a thread at lower CPU priority: a compile of a large table takes
+        # seconds of CPU that the workers (other processes on the same cores) need more.
+        self._compiling = True
+        future = self.loop.run_in_executor(self.compile_thread, self._compile, snapshot)
+        future.add_done_callback(lambda f: self._compiled(f.result(), snapshot.generation, started))
+
+    def _compile(self, snapshot: Snapshot) -> CompileResult | None:
         try:
-            result = compile_routes(
+            return compile_routes(
                 snapshot,
                 only_class=self.only_class,
                 balancers=self.balancers,
@@ -109,7 +136,16 @@ class RoutePipeline:
             )
         except Exception:  # compile is meant to be total; if not, keep the last good table
             log.exception("compiling routes failed; the last good table keeps serving")
-            return
+            return None
+
+    def _compiled(self, result: CompileResult | None, generation: int, started: float) -> None:
+        self._compiling = False
+        if result is not None:
+            self._publish(result, generation, started)
+        if self._carried_kinds:  # what changed while it compiled
+            self.changed()
+
+    def _publish(self, result: CompileResult, generation: int, started: float) -> None:
         # One line per problem, when it appears: not again on every rebuild.
         current = set(result.diagnostics)
         for line in result.diagnostics:
@@ -120,7 +156,7 @@ class RoutePipeline:
         for publisher in self.publishers:
             publisher.publish(result)
         self.last = result
-        self.published_generation = snapshot.generation
+        self.published_generation = generation
         self.rebuilds += 1
         self.last_rebuild_seconds = time.perf_counter() - started
         for callback in self.on_published:

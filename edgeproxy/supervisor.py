@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from edgeproxy.tls import CertificateStore
 
 log = logging.getLogger("edgeproxy")
 
+COMPILE_NICE = 10  # the compile thread's niceness (raising it needs no privilege)
 TICK_S = 0.1  # health verdict ends, readiness checks, counter polls are looked at this often
 STATS_POLL_S = 1.0  # workers' counters are fetched this often (what a crash can lose)
 RESPAWN_BACKOFF_S = 1.0  # a worker that crashes within this of its start waits this long
@@ -76,6 +79,14 @@ def available_cpus() -> int:
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
+
+
+def _lower_priority() -> None:
+    """The compile thread yields the CPU to the workers (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 class WorkerProcess:
@@ -118,6 +129,8 @@ class Supervisor:
             default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
         )  # fmt: skip
         self.pipeline.on_published.append(self._certificates_changed)
+        self.pipeline.compile_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="compile", initializer=_lower_priority)
         self.workers: list[WorkerProcess | None] = [None] * self.slots
         self.listeners: list[Listener] = []
         self.handover: HandoverServer | None = None
