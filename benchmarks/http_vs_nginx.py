@@ -55,10 +55,18 @@ def ensure_tools() -> None:
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Never the same port twice (SO_REUSEPORT listeners would share it rather than fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.http is None and args.https is None:
         log.error("give --http HOST:PORT and/or --https HOST:PORT")
         return 2
+    given = [a for a in (args.http, args.https, args.admin) if a is not None]
+    if len({port for _, port in given}) < len(given):
+        # Listeners bind with SO_REUSEPORT (workers, replacements): two of ours on one port
+        # would share it silently instead of failing.
+        log.error("--http, --https and --admin need different ports")
+        return 2
     settings = settings_from(args)
 
     from edgeproxy.supervisor import run  # imported late: argument errors stay fast

@@ -72,6 +72,10 @@ def open_listeners(wanted: list[tuple[str, str, int]], slots: int,
     listeners = []
     for scheme, host, port in wanted:
         listener = Listener(scheme, host, port, inherited.pop((host, port), []))
+        if not listener.sockets and in_use(host, port):
+            log.warning("%s:%d is already listened on (SO_REUSEPORT): sharing it, as a replacement "
+                        "without --handover-socket does; new connections are split between both",
+                        host, port)  # fmt: skip
         while len(listener.sockets) < slots:
             listener.sockets.append(bind_socket(host, port))
         listeners.append(listener)
@@ -80,6 +84,20 @@ def open_listeners(wanted: list[tuple[str, str, int]], slots: int,
         for sock in socks:
             sock.close()
     return listeners
+
+
+def in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a bind without SO_REUSEPORT fails)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def migrate_req_enabled() -> bool | None:

@@ -119,8 +119,7 @@ class RoutePipeline:
         if self.compile_thread is None:
             self._compiled(self._compile(snapshot), snapshot.generation, started)
             return
-        # Off the loop, in a thread at lower CPU priority: a compile of a large table takes
-        # seconds of CPU that the workers (other processes on the same cores) need more.
+        # Off the loop, in a thread: the loop goes on applying EndpointSlice events meanwhile.
         self._compiling = True
         future = self.loop.run_in_executor(self.compile_thread, self._compile, snapshot)
         future.add_done_callback(lambda f: self._compiled(f.result(), snapshot.generation, started))

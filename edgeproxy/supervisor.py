@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ from edgeproxy.tls import CertificateStore
 
 log = logging.getLogger("edgeproxy")
 
-COMPILE_NICE = 10  # the compile thread's niceness (raising it needs no privilege)
 TICK_S = 0.1  # health verdict ends, readiness checks, counter polls are looked at this often
 STATS_POLL_S = 1.0  # workers' counters are fetched this often (what a crash can lose)
 RESPAWN_BACKOFF_S = 1.0  # a worker that crashes within this of its start waits this long
@@ -79,14 +77,6 @@ def available_cpus() -> int:
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
-
-
-def _lower_priority() -> None:
-    """The compile thread yields the CPU to the workers (Linux: nice is per thread)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICE)
-    except (OSError, AttributeError):
-        pass
 
 
 class WorkerProcess:
@@ -129,8 +119,11 @@ class Supervisor:
             default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
         )  # fmt: skip
         self.pipeline.on_published.append(self._certificates_changed)
+        # A thread, so watch events and health verdicts keep flowing while a large table
+        # compiles (the GIL switches every 5 ms). Not niced: a low-priority thread holding the
+        # GIL would stall the loop behind it (priority inversion; measured worse).
         self.pipeline.compile_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="compile", initializer=_lower_priority)
+            1, thread_name_prefix="compile")
         self.workers: list[WorkerProcess | None] = [None] * self.slots
         self.listeners: list[Listener] = []
         self.handover: HandoverServer | None = None
