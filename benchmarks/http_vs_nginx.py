@@ -81,6 +81,7 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 def wait_ready(admin_port: int, timeout: float) -> None:
+    """Until edgeproxy's /readyz answers 200 (its data port accepts before it is ready)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout

@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_vs_nginx import build_of, free_port, tree  # noqa: E402
+from http_vs_nginx import build_of, free_port, tree, wait_ready  # noqa: E402
 
 
 def objects(ingresses: int, services: int, endpoints: int) -> list[dict]:
@@ -67,18 +66,7 @@ def run(python: str, manifest: Path, workers: int) -> tuple[float, int, list[int
                              "--workers", str(workers), "--log-level", "warning", "--shutdown-delay", "0"],
                             cwd=tempfile.gettempdir())  # fmt: skip
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("edgeproxy exited")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - started > 600:
-                raise RuntimeError("not ready in 600 s")
-            time.sleep(0.05)
+        wait_ready(admin, 600)
         ready = time.monotonic() - started
         time.sleep(1.0)  # let the first stats poll and collections settle
         pids = tree(proc.pid)

@@ -51,7 +51,7 @@ log = logging.getLogger("edgeproxy")
 
 TICK_S = 0.1  # health verdict ends, readiness checks, counter polls are looked at this often
 STATS_POLL_S = 1.0  # workers' counters are fetched this often (what a crash can lose)
-RESPAWN_BACKOFF_S = 1.0  # a worker that crashes within this of its start waits this long
+RESPAWN_BACKOFF_S = 1.0  # a replacement that crashes within this of its start waits this long
 STATS_TIMEOUT_S = 1.0
 
 
@@ -311,7 +311,8 @@ class Supervisor:
             code = worker.proc.wait()
         if self.stopping or self.workers[worker.slot] is not worker:
             return
-        quick = time.monotonic() - worker.started < RESPAWN_BACKOFF_S
+        # A replacement that dies as fast as it started is a crash loop: wait before the next.
+        quick = worker.replacement and time.monotonic() - worker.started < RESPAWN_BACKOFF_S
         log.warning("worker %d (pid %d) exited with status %s; starting a replacement%s",
                     worker.slot, worker.proc.pid, code, " in 1 s" if quick else "")  # fmt: skip
         if quick:

@@ -58,6 +58,7 @@ async def test_a_killed_worker_is_replaced_and_only_its_requests_in_flight_fail(
     assert len(traffic.failures) <= 8, traffic.failures
     log = proxy.log()
     assert re.search(rf"worker 0 \(pid {victim['pid']}\) exited with status -9; starting a replacement", log)
+    assert "replacement in 1 s" not in log  # a first death is replaced at once, no backoff
     assert "worker 0 (pid" in log and "replaced and serving" in log
 
 
