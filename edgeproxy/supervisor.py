@@ -48,6 +48,7 @@ from edgeproxy.tablesync import TableSender
 from edgeproxy.tls import CertificateStore
 
 log = logging.getLogger("edgeproxy")
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # where `edgeproxy` was found
 
 TICK_S = 0.1  # health verdict ends, readiness checks, counter polls are looked at this often
 STATS_POLL_S = 1.0  # workers' counters are fetched this often (what a crash can lose)
@@ -252,8 +253,11 @@ class Supervisor:
             described.append((listener.scheme, listener.port, [s.fileno() for s in socks]))
             fds.extend(s.fileno() for s in socks)
         env = dict(os.environ, EDGEPROXY_LOG_LEVEL=self.args.log_level)
+        # Started in the directory this edgeproxy was imported from: `-m` puts the working
+        # directory first on sys.path, and a worker started in a checkout would otherwise
+        # import its source tree (pure Python) instead of the installed, compiled build.
         proc = subprocess.Popen([sys.executable, "-m", "edgeproxy.worker", str(child.fileno())],
-                                pass_fds=fds, env=env)  # fmt: skip
+                                pass_fds=fds, env=env, cwd=PACKAGE_ROOT)  # fmt: skip
         child.close()
         worker = WorkerProcess(slot, proc, replacement)
         channel = worker.channel = Channel(lambda m: self._from_worker(worker, m),
@@ -281,6 +285,11 @@ class Supervisor:
                 future.set_result(message[2])
         elif kind == "serving":
             worker.serving = True
+            from edgeproxy.proxy import compiled
+
+            if message[1] != compiled():
+                log.warning("worker %d runs the %s hot path, unlike the supervisor", worker.slot,
+                            "compiled" if message[1] else "pure-Python")  # fmt: skip
             if worker.replacement:
                 log.info("worker %d (pid %d) replaced and serving", worker.slot, worker.proc.pid)
             elif all(w is not None and w.serving for w in self.workers):

@@ -158,7 +158,9 @@ class Worker:
                     backlog=4096,
                 ))  # fmt: skip
         self.serving = True
-        self._send(("serving",))
+        from edgeproxy.proxy import compiled
+
+        self._send(("serving", compiled()))
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, finish what is in flight (bounded), exit."""
