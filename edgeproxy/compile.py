@@ -16,12 +16,11 @@ from typing import Any
 
 from edgeproxy.config import CONTROLLER_NAME, OutlierSettings
 from edgeproxy.hosts import EndpointKey
-from edgeproxy.objects import K8sObject, Snapshot
+from edgeproxy.objects import K8sObject, Snapshot, service_label
 from edgeproxy.routing import PLAIN, Cluster, HostRoutes, Route, RouteTable, TransportProfile
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ANNOTATION_PREFIX = "edgeproxy.io/"
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 HASH_BY = re.compile(r"^(client-ip|path|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|cookie:[^\s;=,]+)$")
@@ -113,8 +112,7 @@ class _Resolver:
         for (_, ns, name), obj in snapshot.of_kind("Service"):
             self.services[(ns, name)] = obj
         for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
-            labels = _meta(obj).get("labels") or {}
-            svc = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+            svc = service_label(obj)
             if svc:
                 self.slices.setdefault((ns, svc), []).append(obj)
         self.balancers = balancers
@@ -235,24 +233,6 @@ class _Resolver:
     def endpoints(self, namespace: str, svc_name: str, svc_port: dict[str, Any]) -> tuple[EndpointKey, ...]:  # fmt: skip
         return resolve_endpoints(self.slices.get((namespace, svc_name), []), namespace,
                                  svc_port.get("name") or "", self.diagnostics)  # fmt: skip
-
-
-def service_of_slice(obj: K8sObject) -> str | None:
-    labels = _meta(obj).get("labels") or {}
-    svc = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
-    return svc if isinstance(svc, str) and svc else None
-
-
-def index_endpoint_slices(
-    snapshot: Snapshot, only: Collection[tuple[str, str]] | None = None
-) -> dict[tuple[str, str], list[K8sObject]]:
-    """(namespace, service) -> its EndpointSlices, in name order (deterministic)."""
-    index: dict[tuple[str, str], list[K8sObject]] = {}
-    for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
-        svc = service_of_slice(obj)
-        if svc and (only is None or (ns, svc) in only):
-            index.setdefault((ns, svc), []).append(obj)
-    return index
 
 
 def resolve_endpoints(

@@ -172,9 +172,6 @@ class TableSender:
         return ("table", self.generation, defines, [], [],
                 self._encode(list(self._groups.items()), self.tls_hosts))  # fmt: skip
 
-    def cluster_keys(self, cid: int) -> Keys:
-        return self.keys.get(cid, ())
-
     def _encode(self, changes: list[tuple[GroupKey, HostRoutes | Route | None]],
                 tls_hosts: frozenset[str] | None) -> bytes:  # fmt: skip
         buffer = io.BytesIO()

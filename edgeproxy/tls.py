@@ -110,6 +110,15 @@ def secret_pem(secret: dict[str, Any], where: str) -> tuple[bytes, bytes]:
         raise BadCertificate(f"{where}: needs data tls.crt and tls.key (base64 PEM)") from None
 
 
+def upstream_context() -> ssl.SSLContext:
+    """Backends speaking TLS without a CA named: not verified, as ingress-nginx."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
 class CertificateStore:
     def __init__(self, default_secret: str | None) -> None:
         self.default_secret = default_secret
@@ -157,14 +166,6 @@ class CertificateStore:
             ctx.load_verify_locations(cadata=base64.b64decode(data["ca.crt"]).decode("ascii"))
         except (BadCertificate, ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
             self._report(f"{exc}; connections to those backends fail until it is fixed")
-        return ctx
-
-    def upstream_context(self) -> ssl.SSLContext:
-        """Backends speaking TLS: not verified by default, as ingress-nginx."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(ALPN)
         return ctx
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:

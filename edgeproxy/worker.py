@@ -27,7 +27,7 @@ from typing import Any
 from edgeproxy.channel import Channel
 from edgeproxy.hosts import EndpointState
 from edgeproxy.tablesync import TableReceiver
-from edgeproxy.tls import SniCertificates
+from edgeproxy.tls import SniCertificates, upstream_context
 
 log = logging.getLogger("edgeproxy.worker")
 
@@ -88,9 +88,7 @@ class Worker:
         dp.balancer_types = load_balancers()
         dp.registry.reporter = self.report
         dp.backend_contexts = self.certificates.backend_context
-        from edgeproxy.tls import CertificateStore
-
-        dp.upstream_ssl = CertificateStore.upstream_context(None)  # type: ignore[arg-type]
+        dp.upstream_ssl = upstream_context()
         dp.start()
 
     def _certificates(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
