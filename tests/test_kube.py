@@ -428,11 +428,20 @@ async def test_ready_only_once_the_referenced_certificate_is_loaded(
     await api.apply(*objs, secret)
     api.get_delay = 0.5  # the Secret is read slowly: ready must wait for it
     proxy = await kube_proxy(https=True)
+    api.get_delay = 0.0
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ca.configure_trust(ctx)  # the self-signed default would fail verification
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https, ssl=ctx,
-                                                   server_hostname="site.example.com")  # fmt: skip
-    writer.write(b"GET / HTTP/1.1\r\nHost: site.example.com\r\nConnection: close\r\n\r\n")
-    assert (await reader.read()).startswith(b"HTTP/1.1 200")
-    writer.close()
+
+    def first_request() -> bytes:  # a plain blocking TLS client, in a thread (as test_tls)
+        import socket
+
+        raw = socket.create_connection(("127.0.0.1", proxy.https), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="site.example.com") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: site.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data
+
+    assert (await asyncio.to_thread(first_request)).startswith(b"HTTP/1.1 200")
     assert "GET Secret default/site-tls" in api.requests
