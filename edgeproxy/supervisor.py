@@ -186,15 +186,18 @@ class Supervisor:
 
     def _certificates_changed(self, result: CompileResult) -> None:
         snapshot = self.store.snapshot()
-        self.certificates.reading = self.kube.fetching if self.kube is not None else set()
-        self.certificates.update(snapshot, result.tls)
-        cas_refs = {c.transport.ca_secret for c in result.table.clusters()
-                    if c.transport.ca_secret is not None}  # fmt: skip
         reading = self.kube.fetching if self.kube is not None else set()
-        for ref in cas_refs - reading:  # a missing or bad CA is reported here, not per worker
-            cluster = next(c for c in result.table.clusters() if c.transport.ca_secret == ref)
-            self.certificates.backend_context(snapshot, *ref, cluster.name, cluster.transport.server_name)
-        self.cas = self.certificates.backend_cas(snapshot, cas_refs)
+        self.certificates.reading = reading
+        self.certificates.update(snapshot, result.tls)
+        by_ca: dict[tuple[str, str], Any] = {}  # backend CA Secret -> one cluster naming it
+        for cluster in result.table.clusters():
+            if cluster.transport.ca_secret is not None:
+                by_ca.setdefault(cluster.transport.ca_secret, cluster)
+        for ref, cluster in by_ca.items():  # a missing or bad CA is reported here, once
+            if ref not in reading:
+                self.certificates.backend_context(snapshot, *ref, cluster.name,
+                                                  cluster.transport.server_name)  # fmt: skip
+        self.cas = self.certificates.backend_cas(snapshot, by_ca)
         for worker in self.workers:
             if worker is not None:
                 self._send_certificates(worker)
