@@ -16,6 +16,7 @@ HOT_PATH = [
     "edgeproxy/health.py",
     "edgeproxy/balancing.py",
     "edgeproxy/proxy/flow.py",
+    "edgeproxy/proxy/observe.py",
     "edgeproxy/proxy/message.py",
     "edgeproxy/proxy/http1_client.py",
     "edgeproxy/proxy/pool.py",

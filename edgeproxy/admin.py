@@ -1,6 +1,7 @@
-"""Admin listener (aiohttp, in the supervisor): /healthz, /readyz, Prometheus /metrics and
-/debug/routes, for the whole pod: counters are summed over the workers (and over workers that
-exited, so counters never go back), endpoint state is the pod-wide verdict.
+"""Admin listener (aiohttp, in the supervisor): /healthz, /readyz, Prometheus /metrics
+(edgeproxy.metrics) and /debug/routes, for the whole pod: counters are summed over the workers
+(and over workers that exited, so counters never go back), endpoint state is the pod-wide
+verdict.
 
 Off the hot path, so a framework is fine here.
 """
@@ -11,6 +12,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from edgeproxy.metrics import CONTENT_TYPE
 
 
 class AdminApp:
@@ -40,45 +43,9 @@ class AdminApp:
 
     async def metrics(self, request: web.Request) -> web.Response:
         sup = self.sup
-        stats = await sup.worker_stats()
-        totals = sup.totals(stats)
-        pipeline = sup.pipeline
-        lines = [
-            "# HELP edgeproxy_responses_total Responses sent to clients, by status code.",
-            "# TYPE edgeproxy_responses_total counter",
-        ]
-        for status, count in sorted(totals["status"].items()):
-            lines.append(f'edgeproxy_responses_total{{code="{status}"}} {count}')
-        now = sup.loop.time()
-        lines += [
-            "# HELP edgeproxy_workers Worker processes serving traffic.",
-            "# TYPE edgeproxy_workers gauge",
-            f"edgeproxy_workers {sum(1 for w in sup.workers if w is not None and w.serving)}",
-            "# HELP edgeproxy_downstream_connections Open client connections.",
-            "# TYPE edgeproxy_downstream_connections gauge",
-            f"edgeproxy_downstream_connections {totals['connections']}",
-            "# HELP edgeproxy_upstream_connects_total Upstream connections opened.",
-            "# TYPE edgeproxy_upstream_connects_total counter",
-            f"edgeproxy_upstream_connects_total {totals['connects']}",
-            "# HELP edgeproxy_retries_total Requests retried on another endpoint.",
-            "# TYPE edgeproxy_retries_total counter",
-            f"edgeproxy_retries_total {totals['retries']}",
-            "# HELP edgeproxy_route_rebuilds_total Route tables compiled and published.",
-            "# TYPE edgeproxy_route_rebuilds_total counter",
-            f"edgeproxy_route_rebuilds_total {pipeline.rebuilds}",
-            "# HELP edgeproxy_endpoint_refreshes_total EndpointSlice-only updates applied in place.",
-            "# TYPE edgeproxy_endpoint_refreshes_total counter",
-            f"edgeproxy_endpoint_refreshes_total {pipeline.endpoint_refreshes}",
-            "# HELP edgeproxy_route_update_seconds Time the last table update took.",
-            "# TYPE edgeproxy_route_update_seconds gauge",
-            f"edgeproxy_route_update_seconds {pipeline.last_rebuild_seconds:.6f}",
-            "# HELP edgeproxy_endpoint_ejected Whether passive health checking ejected it.",
-            "# TYPE edgeproxy_endpoint_ejected gauge",
-        ]
-        for st in sup.registry.states.values():
-            ejected = 1 if st.ejected_until > now else 0
-            lines.append(f'edgeproxy_endpoint_ejected{{endpoint="{st.label}"}} {ejected}')
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        totals = sup.totals(await sup.worker_stats())
+        return web.Response(body=sup.metrics.exposition(totals),
+                            headers={"Content-Type": CONTENT_TYPE})  # fmt: skip
 
     async def routes(self, request: web.Request) -> web.Response:
         sup = self.sup

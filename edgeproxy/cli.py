@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--handover-socket", type=Path,
                        help="Unix socket through which a new edgeproxy on the same ports takes "
                             "this one's listening sockets (and this one takes its predecessor's)")
+        p.add_argument("--access-log", default=Settings.access_log, metavar="off|-|PATH",
+                       help="one JSON line per request: - for stdout, off, or a file to append to "
+                            "(default: %(default)s)")
+        p.add_argument("--access-log-buffer", type=size, default=Settings.access_log_buffer,
+                       help="bytes of access log held while its reader is slow; lines beyond "
+                            "are dropped and counted, traffic never waits (default: 4m)")
         p.add_argument("--log-level", default="info")
     return parser
 
@@ -123,6 +129,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         reload_interval=args.reload_interval,
         trusted_proxies=args.trusted_proxies,
         default_balancer=args.default_balancer,
+        access_log=args.access_log,
+        access_log_buffer=args.access_log_buffer,
         outlier=OutlierSettings(
             consecutive_gateway_failures=args.outlier_consecutive_failures,
             base_ejection_time=args.outlier_base_ejection_time,

@@ -45,6 +45,21 @@ class TlsBinding:
     ingress: str
 
 
+class Diagnostic(str):
+    """One problem found in the objects (logged once, shown in /debug/routes and explain),
+    with a short reason for the edgeproxy_invalid_objects metric. A str: it reads as its message."""
+
+    reason: str
+
+    def __new__(cls, reason: str, message: str) -> Diagnostic:
+        self = super().__new__(cls, message)
+        self.reason = reason
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Diagnostic, (self.reason, str(self)))
+
+
 @dataclass(slots=True)
 class CompileResult:
     table: RouteTable
@@ -124,9 +139,9 @@ class _Resolver:
     def balancer_of(self, where: str, annotations: dict[str, str]) -> tuple[str, dict[str, Any]]:
         name = annotations.get(ANNOTATION_PREFIX + "load-balance", self.default_balancer)
         if name not in self.balancers:
-            self.diagnostics.append(
+            self.diagnostics.append(Diagnostic("bad_annotation",
                 f"Ingress {where}: unknown load-balance {name!r}; using {self.default_balancer}"
-            )
+            ))
             name = self.default_balancer
         options: dict[str, Any] = {}
         hash_by = annotations.get(ANNOTATION_PREFIX + "hash-by")
@@ -134,9 +149,9 @@ class _Resolver:
             if HASH_BY.match(hash_by):
                 options["hash_by"] = hash_by
             else:
-                self.diagnostics.append(
+                self.diagnostics.append(Diagnostic("bad_annotation",
                     f"Ingress {where}: malformed hash-by {hash_by!r}; using client-ip"
-                )
+                ))
         return name, options
 
     def outlier_of(self, where: str, annotations: dict[str, str]) -> OutlierSettings | None:
@@ -151,7 +166,7 @@ class _Resolver:
                 if value < 0:
                     raise ValueError
             except ValueError:
-                self.diagnostics.append(f"Ingress {where}: {suffix}={raw!r} is not a number >= 0; ignored")  # fmt: skip
+                self.diagnostics.append(Diagnostic("bad_annotation", f"Ingress {where}: {suffix}={raw!r} is not a number >= 0; ignored"))  # fmt: skip
                 continue
             overrides[field_name] = value
         if not overrides:
@@ -162,14 +177,14 @@ class _Resolver:
         self, where: str, namespace: str, backend: Any, annotations: dict[str, str]
     ) -> Cluster | None:
         if not isinstance(backend, dict):
-            self.diagnostics.append(f"Ingress {where}: backend is missing")
+            self.diagnostics.append(Diagnostic("missing_backend", f"Ingress {where}: backend is missing"))
             return None
         service = backend.get("service")
         if not isinstance(service, dict):
             if backend.get("resource"):
-                self.diagnostics.append(f"Ingress {where}: resource backends are not supported")
+                self.diagnostics.append(Diagnostic("unsupported_backend", f"Ingress {where}: resource backends are not supported"))
             else:
-                self.diagnostics.append(f"Ingress {where}: backend names no service")
+                self.diagnostics.append(Diagnostic("missing_backend", f"Ingress {where}: backend names no service"))
             return None
         svc_name = service.get("name")
         raw_port = service.get("port")
@@ -177,9 +192,9 @@ class _Resolver:
         port_number, port_name = port.get("number"), port.get("name")
         svc = self.services.get((namespace, svc_name)) if isinstance(svc_name, str) else None
         if svc is None or not isinstance(svc_name, str):
-            self.diagnostics.append(
+            self.diagnostics.append(Diagnostic("service_not_found",
                 f"Ingress {where}: Service {namespace}/{svc_name} not found; path skipped"
-            )
+            ))
             return None
         balancer, options = self.balancer_of(where, annotations)
         backend_tls = annotations.get(ANNOTATION_PREFIX + "backend-protocol", "").upper() == "HTTPS"
@@ -212,17 +227,17 @@ class _Resolver:
                 tp = svc_port.get("targetPort")
                 tport = tp if isinstance(tp, int) else svc_port.get("port")
             if not isinstance(target, str) or not isinstance(tport, int):
-                self.diagnostics.append(f"Ingress {where}: ExternalName {label} has no name/port")
+                self.diagnostics.append(Diagnostic("bad_service", f"Ingress {where}: ExternalName {label} has no name/port"))
                 return None
             keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
             cluster = Cluster(label, keys, balancer, options, transport, target.rstrip("."),
                               outlier=outlier)  # fmt: skip
         else:
             if svc_port is None:
-                self.diagnostics.append(
+                self.diagnostics.append(Diagnostic("service_port_not_found",
                     f"Ingress {where}: Service {namespace}/{svc_name} has no port "
                     f"{port_number if port_number is not None else port_name!r}; path skipped"
-                )
+                ))
                 return None
             keys = self.endpoints(namespace, svc_name, svc_port)
             cluster = Cluster(label, keys, balancer, options, transport, outlier=outlier,
@@ -244,7 +259,7 @@ def resolve_endpoints(
     for eps in slices:
         where = f"EndpointSlice {namespace}/{_meta(eps).get('name')}"
         if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-            diagnostics.append(f"{where}: addressType {eps.get('addressType')!r} skipped")
+            diagnostics.append(Diagnostic("unsupported_endpoints", f"{where}: addressType {eps.get('addressType')!r} skipped"))
             continue
         port = next(
             (p.get("port") for p in eps.get("ports") or []
@@ -312,16 +327,16 @@ def compile_routes(
                 if default_route is None:
                     default_route = Route(where, "", "/", "Prefix", cluster)
                 else:
-                    diagnostics.append(
+                    diagnostics.append(Diagnostic("conflict",
                         f"Ingress {where}: defaultBackend conflicts with {default_route.ingress}'s;"
                         " the older one is kept"
-                    )
+                    ))
         for rule in spec.get("rules") or []:
             if not isinstance(rule, dict):
                 continue
             host = rule.get("host") or ""
             if not isinstance(host, str) or (host and not HOST_RE.match(host.lower())):
-                diagnostics.append(f"Ingress {where}: invalid host {host!r}; rule skipped")
+                diagnostics.append(Diagnostic("invalid_host", f"Ingress {where}: invalid host {host!r}; rule skipped"))
                 continue
             host = host.lower()
             http = rule.get("http") or {}
@@ -331,9 +346,9 @@ def compile_routes(
                 path = entry.get("path") or "/"
                 path_type = entry.get("pathType") or "ImplementationSpecific"
                 if path_type not in PATH_TYPES or not _valid_path(path):
-                    diagnostics.append(
+                    diagnostics.append(Diagnostic("invalid_path",
                         f"Ingress {where}: invalid path {path!r} ({path_type}); path skipped"
-                    )
+                    ))
                     continue
                 cluster = resolver.cluster(where, ns, entry.get("backend"), ann)
                 if cluster is None:
@@ -350,10 +365,10 @@ def compile_routes(
                 held = same_kind.get(key)
                 if held is not None:
                     if held.ingress != where:
-                        diagnostics.append(
+                        diagnostics.append(Diagnostic("conflict",
                             f"Ingress {where}: {host or '*'} {path} ({kind}) conflicts with "
                             f"Ingress {held.ingress}; the older one is kept"
-                        )
+                        ))
                     continue
                 same_kind[key] = route
 
@@ -414,7 +429,7 @@ def _tls(
         secret = entry.get("secretName")
         hosts_here.update(hosts)
         if not secret:
-            diagnostics.append(f"Ingress {where}: tls entry without secretName uses the default")
+            diagnostics.append(Diagnostic("missing_tls_secret", f"Ingress {where}: tls entry without secretName uses the default"))
             continue
         out.append(TlsBinding(hosts, (ns, secret), where))
     return hosts_here

@@ -46,3 +46,6 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     outlier: OutlierSettings = field(default_factory=OutlierSettings)
     default_balancer: str = "round_robin"
+    # One JSON line per request: "-" is stdout, "off" none, else a file (appended to).
+    access_log: str = "-"
+    access_log_buffer: int = 4 * 1024 * 1024  # bytes held for a slow reader; beyond, lines drop

@@ -86,6 +86,9 @@ class RoutePipeline:
         self.compile_thread: concurrent.futures.Executor | None = None
         self._reported: set[str] = set()
         self.on_published: list[Callable[[CompileResult], None]] = []
+        # (seconds, full compile?) of each update published: metrics.PodMetrics.published.
+        self.on_timed: list[Callable[[float, bool], None]] = []
+        self.compile_failures = 0
         store.subscribe(self.changed)
 
     def changed(self) -> None:
@@ -110,6 +113,8 @@ class RoutePipeline:
                 self._carried_services |= services
             self.endpoint_refreshes += 1
             self.last_rebuild_seconds = time.perf_counter() - started
+            for timed in self.on_timed:
+                timed(self.last_rebuild_seconds, False)
             return
         if self._compiling:  # one compile at a time; this change is compiled after it
             self._carried_kinds |= kinds
@@ -134,6 +139,7 @@ class RoutePipeline:
                 outlier=self.outlier,
             )
         except Exception:  # compile is meant to be total; if not, keep the last good table
+            self.compile_failures += 1
             log.exception("compiling routes failed; the last good table keeps serving")
             return None
 
@@ -160,6 +166,8 @@ class RoutePipeline:
         self.last_rebuild_seconds = time.perf_counter() - started
         for callback in self.on_published:
             callback(result)
+        for timed in self.on_timed:
+            timed(self.last_rebuild_seconds, True)
 
     def _refresh_endpoints(self, services: set[tuple[str, str]]) -> None:
         """Only EndpointSlices changed: the routes stand; the affected clusters get new keys.
@@ -178,9 +186,10 @@ class RoutePipeline:
                 if keys != self.endpoints.get(cluster):
                     self.endpoints[cluster] = keys
                     changes.append((cluster, keys))
-        if changes:
-            for publisher in self.publishers:
-                publisher.refresh_endpoints(changes)
+        # Sent even when nothing changed: the workers then acknowledge the new generation
+        # (readiness and the convergence histogram count on every change being acknowledged).
+        for publisher in self.publishers:
+            publisher.refresh_endpoints(changes)
         for line in diagnostics:
             if line not in self._reported:
                 self._reported.add(line)

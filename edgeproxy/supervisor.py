@@ -42,6 +42,7 @@ from edgeproxy.listeners import (
     open_listeners,
     take_over,
 )
+from edgeproxy.metrics import PodMetrics, WorkerTotals
 from edgeproxy.objects import ObjectStore
 from edgeproxy.pipeline import EndpointChanges, RoutePipeline
 from edgeproxy.tablesync import TableSender
@@ -128,7 +129,10 @@ class Supervisor:
         self.workers: list[WorkerProcess | None] = [None] * self.slots
         self.listeners: list[Listener] = []
         self.handover: HandoverServer | None = None
-        self.retired: dict[str, Any] = {"status": {}, "retries": 0, "connects": 0}
+        self.retired = WorkerTotals()  # counters of workers that exited (they never go back)
+        self.metrics = PodMetrics(self)
+        self.store.subscribe(lambda: self.metrics.changed(self.store.generation))
+        self.pipeline.on_timed.append(self.metrics.published)
         self.sources_listed: list[bool] = []
         self.listed_generation = 0
         self.kube: Any = None
@@ -220,8 +224,15 @@ class Supervisor:
             peers = [self.registry.states[k] for k in peers_keys if k in self.registry.states]
             outlier = self.sender.clusters[cid].outlier if cid in self.sender.clusters else None
             state.failures += 1
+            ejections = state.ejections
             self.registry.record_failure(state, peers, outlier)
             state.failures -= 1  # record_failure counted it; workers count requests and failures
+            if state.ejections > ejections:
+                services = {self.sender.clusters[c].service for c in self.key_cids.get(key, ())
+                            if c in self.sender.clusters}  # fmt: skip
+                for service in services:
+                    if service is not None:
+                        self.metrics.ejections.labels(*service).inc()
         elif state.consecutive_failures:
             self.registry.record_success(state)
         else:
@@ -281,6 +292,8 @@ class Supervisor:
             self._outcome(message[1], message[2])
         elif kind == "live":
             worker.generation = message[1]
+            live = [w.generation for w in self.workers if w is not None and not w.gone]
+            self.metrics.live_everywhere(min(live))
         elif kind == "stats":
             future = worker.waiting.pop(message[1], None)
             worker.counters = message[2]
@@ -304,12 +317,7 @@ class Supervisor:
         for future in worker.waiting.values():
             if not future.done():
                 future.set_result({})
-        counters = worker.counters
-        retired = self.retired
-        for code, n in (counters.get("status") or {}).items():
-            retired["status"][code] = retired["status"].get(code, 0) + n
-        retired["retries"] += counters.get("retries", 0)
-        retired["connects"] += counters.get("connects", 0)
+        self.retired.add(worker.counters, gauges=False)
         self.loop.create_task(self._reap(worker))
 
     async def _reap(self, worker: WorkerProcess) -> None:
@@ -348,18 +356,12 @@ class Supervisor:
         done, _ = await asyncio.wait(futures, timeout=STATS_TIMEOUT_S)
         return [f.result() for f in done if f.result()]
 
-    def totals(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    def totals(self, stats: list[dict[str, Any]]) -> WorkerTotals:
         """Counters summed over the workers, including those that exited (counters only rise)."""
-        status = dict(self.retired["status"])
-        retries, connects, connections = self.retired["retries"], self.retired["connects"], 0
+        totals = self.retired.copy()
         for s in stats:
-            for code, n in s["status"].items():
-                status[code] = status.get(code, 0) + n
-            retries += s["retries"]
-            connects += s["connects"]
-            connections += s["connections"]
-        return {"status": status, "retries": retries, "connects": connects,
-                "connections": connections}  # fmt: skip
+            totals.add(s)
+        return totals
 
     # -- readiness -------------------------------------------------------------------------------
 

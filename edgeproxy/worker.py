@@ -89,6 +89,12 @@ class Worker:
         dp.registry.reporter = self.report
         dp.backend_contexts = self.certificates.backend_context
         dp.upstream_ssl = upstream_context()
+        if settings.access_log != "off":
+            from edgeproxy.accesslog import AccessLog
+
+            dp.access_log = AccessLog(settings.access_log, self.loop,
+                                      settings.access_log_buffer)
+            dp.access_log.start()
         dp.start()
 
     def _certificates(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
@@ -116,7 +122,7 @@ class Worker:
         self._send(("outcome", state.key, failed))
 
     def stats(self, with_endpoints: bool) -> dict[str, Any]:
-        """Counters (polled every second: kept small), per endpoint only when asked."""
+        """Counters (polled every second), per endpoint only when asked."""
         dp = self.dp
         endpoints = {}
         if with_endpoints:
@@ -126,11 +132,22 @@ class Worker:
             for key, state in dp.registry.states.items():
                 endpoints[key] = (state.in_flight, state.requests, state.failures,
                                   idle.get(key, 0))  # fmt: skip
+        upstream_open = sum(len(idle) for idle in dp.pool.idle.values())
+        for conn in dp.connections:
+            exchange = conn.exchange
+            if (exchange is not None and exchange.up is not None) or conn.tunnel is not None:
+                upstream_open += 1
+        log = dp.access_log
         return {
             "status": {code: n for code, n in enumerate(dp.status_counts) if n},
             "retries": dp.retries,
             "connects": dp.pool.connects,
             "connections": len(dp.connections),
+            "upstream_connections": upstream_open,
+            "routes": {labels: f.snapshot() for labels, f in dp.figures.items()},
+            "services": {labels: (f.connects, f.connect_errors, f.retries)
+                         for labels, f in dp.service_figures.items()},  # fmt: skip
+            "access_log_dropped": 0 if log is None else log.dropped,
             "endpoints": endpoints,
             "generation": self.generation,
         }
@@ -187,6 +204,8 @@ class Worker:
             for conn in list(dp.connections):
                 conn.abort()  # past the drain timeout (tunnels included)
             dp.stop()
+            if dp.access_log is not None:
+                dp.access_log.close()
         self.done.set()
 
     def supervisor_gone(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests import k8s
+from tests.apiserver import FakeApiServer
 from tests.backends import Pods
 from tests.http1 import fetch
 
@@ -50,7 +51,8 @@ class EdgeProxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, *extra: str, https: bool = False, pythonpath: str | None = None,
-                    wait_ready: bool = True) -> EdgeProxy:  # fmt: skip
+                    wait_ready: bool = True, stdout: Any = None) -> EdgeProxy:  # fmt: skip
+        """`stdout`: where the access log goes (default: the log file, with stderr)."""
         source = ["--manifests", str(self.manifests)] if self.manifests else []
         argv = [sys.executable, "-m", "edgeproxy.cli", "run", *source,
                 "--http", f"127.0.0.1:{self.http}", "--admin", f"127.0.0.1:{self.admin}",
@@ -61,8 +63,8 @@ class EdgeProxy:
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=env)  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=self._log if stdout is None else stdout,
+                                     stderr=self._log, cwd=ROOT, env=env)  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT
         while wait_ready and time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,11 +118,37 @@ async def proxy_factory(tmp_path: Path, manifests: Path) -> AsyncIterator[Any]:
     started: list[EdgeProxy] = []
 
     async def start(objects: list[dict[str, Any]], *extra: str, https: bool = False,
-                    pythonpath: str | None = None) -> EdgeProxy:  # fmt: skip
+                    pythonpath: str | None = None, stdout: Any = None) -> EdgeProxy:  # fmt: skip
         k8s.write(manifests, objects)
         proxy = EdgeProxy(manifests, tmp_path / f"edgeproxy-{len(started)}.log")
         started.append(proxy)
-        return await proxy.start(*extra, https=https, pythonpath=pythonpath)
+        return await proxy.start(*extra, https=https, pythonpath=pythonpath, stdout=stdout)
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    """The Kubernetes API server emulator (tests/apiserver.py), serving list and watch."""
+    server = FakeApiServer(bookmark_interval=0.3)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def kube_proxy(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[Any]:
+    started: list[EdgeProxy] = []
+
+    async def start(*extra: str, wait_ready: bool = True, https: bool = False) -> EdgeProxy:
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(api.kubeconfig())
+        proxy = EdgeProxy(None, tmp_path / f"edgeproxy-{len(started)}.log")
+        started.append(proxy)
+        return await proxy.start("--kubeconfig", str(kubeconfig), *extra, wait_ready=wait_ready,
+                                 https=https)  # fmt: skip
 
     yield start
     for proxy in started:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,6 @@ from tests.conftest import EdgeProxy, simple_site
 from tests.http1 import Client, fetch
 
 CONVERGE_TIMEOUT = 5.0
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeApiServer]:
-    server = FakeApiServer(bookmark_interval=0.3)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def kube_proxy(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[Any]:
-    started: list[EdgeProxy] = []
-
-    async def start(*extra: str, wait_ready: bool = True, https: bool = False) -> EdgeProxy:
-        kubeconfig = tmp_path / "kubeconfig.yaml"
-        kubeconfig.write_text(api.kubeconfig())
-        proxy = EdgeProxy(None, tmp_path / f"edgeproxy-{len(started)}.log")
-        started.append(proxy)
-        return await proxy.start("--kubeconfig", str(kubeconfig), *extra, wait_ready=wait_ready,
-                                 https=https)  # fmt: skip
-
-    yield start
-    for proxy in started:
-        await proxy.stop()
 
 
 async def pod_of(proxy: EdgeProxy, path: str = "/", host: str = "site.example.com") -> str | int:

@@ -19,8 +19,8 @@ from edgeproxy.routing import Cluster, TransportProfile
 
 
 class ClusterBinding:
-    __slots__ = ("balancer", "cluster", "healthy", "healthy_epoch", "hosts", "keys", "outlier",
-                 "pools", "profile", "tls_context")  # fmt: skip
+    __slots__ = ("balancer", "cluster", "figures", "healthy", "healthy_epoch", "hosts", "keys",
+                 "outlier", "pools", "profile", "service_figures", "tls_context")  # fmt: skip
 
     def __init__(self, cluster: Cluster, keys: tuple[EndpointKey, ...],
                  hosts: tuple[EndpointState, ...], balancer_types: dict[str, type[Any]],
@@ -40,6 +40,10 @@ class ClusterBinding:
         self.balancer: Any = build_balancer(factory, hosts, cluster.balancer_options, cluster.name)
         self.healthy = 0  # hosts not ejected, as of the registry's ejection epoch healthy_epoch
         self.healthy_epoch = -1
+        # The data plane's counters for this cluster, found here without building label keys
+        # per request: by Ingress name (observe.RouteFigures), and the Service's own.
+        self.figures: dict[str, Any] = {}
+        self.service_figures: Any = None
 
     def pick(self, request: Any, now: float, ejected_anywhere: int, ejection_epoch: int,
              panic_percent: float, tried: list[EndpointState] | None) -> EndpointState | None:  # fmt: skip

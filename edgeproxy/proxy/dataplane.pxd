@@ -17,7 +17,10 @@ cdef class Dataplane:
     cdef public bint draining
     cdef public dict bindings, key_refs, route_memo, host_names, balancer_types
     cdef public bytes rid_prefix
+    cdef public dict figures, service_figures
+    cdef public object unrouted, access_log
 
     cpdef object route(self, str host, str path)
     cpdef str remember_host(self, bytes raw, str name)
     cpdef bytes request_id(self)
+    cpdef object figures_for(self, object route, object binding)

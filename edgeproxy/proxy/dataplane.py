@@ -23,6 +23,7 @@ from edgeproxy.hosts import EndpointKey
 from edgeproxy.proxy.binding import ClusterBinding
 from edgeproxy.proxy.headers import hex16
 from edgeproxy.proxy.local import DateHeader
+from edgeproxy.proxy.observe import UNROUTED, RouteFigures, ServiceFigures
 from edgeproxy.proxy.pool import UpstreamPool
 from edgeproxy.routing import EMPTY_TABLE, Cluster, Route, RouteTable, TransportProfile
 
@@ -55,6 +56,12 @@ class Dataplane:
         # incrementing a Counter goes through its Python-level __setitem__ slot.
         self.status_counts: list[int] = [0] * 1000
         self.retries = 0
+        # Traffic figures by (namespace, ingress, service) and upstream ones by (namespace,
+        # service): they outlive tables and bindings (counters never go back).
+        self.figures: dict[tuple[str, str, str], RouteFigures] = {UNROUTED: RouteFigures()}
+        self.unrouted = self.figures[UNROUTED]
+        self.service_figures: dict[tuple[str, str], ServiceFigures] = {}
+        self.access_log: Any = None  # edgeproxy.accesslog.AccessLog, unless --access-log off
         self.draining = False
         self.host_names: dict[bytes, str] = {}  # authority -> normalised name, bounded
         self.upstream_ssl: ssl.SSLContext | None = None  # backend-protocol: HTTPS, unverified
@@ -150,7 +157,13 @@ class Dataplane:
             contexts[profile] = self._tls_context(profile, cluster.name)
         hosts = tuple(self.registry.get(k) for k in keys)
         pools = {h: self.pool.idle_list(h.key, profile) for h in hosts}
-        return ClusterBinding(cluster, keys, hosts, self.balancer_types, contexts[profile], pools)
+        binding = ClusterBinding(cluster, keys, hosts, self.balancer_types, contexts[profile], pools)
+        service = service_labels(cluster)
+        figures = self.service_figures.get(service)
+        if figures is None:
+            figures = self.service_figures[service] = ServiceFigures()
+        binding.service_figures = figures
+        return binding
 
     def _tls_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext | None:
         if not profile.tls:
@@ -194,6 +207,20 @@ class Dataplane:
         self.host_names[raw] = name
         return name
 
+    def figures_for(self, route: Route | None, binding: ClusterBinding | None) -> RouteFigures:
+        """The figures an exchange on `route` counts into (once per Ingress and binding: the
+        binding keeps the reference for the next request)."""
+        if route is None:
+            return self.unrouted
+        namespace, _, name = route.ingress.partition("/")
+        labels = (namespace, name, service_labels(route.cluster)[1])
+        figures = self.figures.get(labels)
+        if figures is None:
+            figures = self.figures[labels] = RouteFigures()
+        if binding is not None:
+            binding.figures[route.ingress] = figures
+        return figures
+
     def request_id(self) -> bytes:
         self.rid_counter += 1
         return self.rid_prefix + hex16(self.rid_counter)
@@ -225,3 +252,11 @@ class Dataplane:
             self.pool.expire(now - self.settings.upstream_idle_timeout)
         self.registry.refresh_ejections()
         self._sweeper = self.loop.call_later(self.tick, self._sweep)
+
+
+def service_labels(cluster: Cluster) -> tuple[str, str]:
+    """(namespace, service name) of a cluster, for metric labels (ExternalName ones too)."""
+    if cluster.service is not None:
+        return cluster.service
+    namespace, _, rest = cluster.name.partition("/")
+    return namespace, rest.rpartition(":")[0] or rest

@@ -11,6 +11,7 @@ from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.forward cimport upstream_request_head
 from edgeproxy.proxy.http1_client cimport ResponseHead, ResponseReceiver, UpstreamConnection
 from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead, host_name, response_framing
+from edgeproxy.proxy.observe cimport RouteFigures
 from edgeproxy.proxy.pool cimport take_idle
 
 
@@ -42,12 +43,15 @@ cdef class Exchange(ResponseReceiver):
     cdef public ClusterBinding binding
     cdef public FlowControl cflow
     cdef public double deadline
-    cdef public EndpointState endpoint
+    cdef public EndpointState endpoint, picked
     cdef public UpstreamConnection up
     cdef public Py_ssize_t attempts, stage, pending_bytes, kept_bytes, status, framing
     cdef public bytes up_head
     cdef public bint replayable, req_done, resp_started, resp_done, done, discarding
     cdef public bint up_until_close, keep_alive, upgrading
+    cdef public double started, attempt_at, header_at, connect_s
+    cdef public Py_ssize_t received, sent
+    cdef public object request_id
 
     cpdef start(self)
     cpdef pick(self)
@@ -68,4 +72,5 @@ cdef class Exchange(ResponseReceiver):
     cdef _discard_rest(self)
     cpdef finish(self)
     cpdef finish_aborted(self)
+    @cython.locals(figures=RouteFigures, ended=double, duration=double, upstream=double)
     cdef _end(self, bint clean)

@@ -17,6 +17,7 @@ entry points as ClientConnection does.
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import Any
 
 from edgeproxy.hosts import EndpointState
@@ -44,6 +45,7 @@ from edgeproxy.proxy.message import (
     host_name,
     response_framing,
 )
+from edgeproxy.proxy.observe import RouteFigures
 from edgeproxy.proxy.pool import take_idle
 from edgeproxy.routing import Route
 
@@ -106,7 +108,8 @@ class Exchange(ResponseReceiver):
         "keep_alive", "kept", "kept_bytes", "pending", "pending_bytes", "replayable", "req",
         "req_done", "resp_done", "resp_started", "route", "stage", "status", "tried",
         "transport", "tunnel", "up", "up_head", "up_until_close", "upgrading", "out",
-        "up_buf", "discarding",
+        "up_buf", "discarding", "started", "attempt_at", "header_at", "connect_s", "received",
+        "sent", "request_id", "picked",
     )  # fmt: skip
 
     def __init__(self, client: Downstream, dp: Dataplane, req: RequestHead) -> None:
@@ -147,6 +150,15 @@ class Exchange(ResponseReceiver):
         self.keep_alive = req.keep_alive and not dp.draining
         self.upgrading = False
         self.tunnel: Any = None
+        # For the finish phase (observe, accesslog): perf_counter times, 0: not reached.
+        self.started = perf_counter()
+        self.attempt_at = 0.0  # the last attempt's pick
+        self.header_at = 0.0  # its response head
+        self.connect_s = -1.0  # its connect, when it opened a connection
+        self.received = req.size  # head and body bytes from the client
+        self.sent = 0  # bytes written to the client
+        self.request_id: bytes | None = None  # the X-Request-ID edgeproxy added
+        self.picked: EndpointState | None = None  # the last attempt's endpoint (kept after release)
 
     # -- what balancers read (balancing.RequestView) ---------------------------------------
 
@@ -194,8 +206,8 @@ class Exchange(ResponseReceiver):
             self.respond_local(503, error_body(503))
             return
         self.binding = binding
-        self.up_head = upstream_request_head(
-            req, self.conn, None if req.has_request_id else dp.request_id())
+        request_id = self.request_id = None if req.has_request_id else dp.request_id()
+        self.up_head = upstream_request_head(req, self.conn, request_id)
         if req.expect_continue and (req.chunked or req.content_length > 0) and not req.http10:
             self.out.append(CONTINUE)
         if req.websocket:
@@ -220,7 +232,9 @@ class Exchange(ResponseReceiver):
             self.respond_local(status, error_body(status))
             return
         self.attempts += 1
-        self.endpoint = endpoint
+        self.attempt_at = perf_counter()
+        self.connect_s = -1.0
+        self.endpoint = self.picked = endpoint
         endpoint.in_flight += 1
         endpoint.requests += 1
         conn = take_idle(binding.pools.get(endpoint))
@@ -234,11 +248,16 @@ class Exchange(ResponseReceiver):
     # -- phase: connect ----------------------------------------------------------------
 
     async def connect(self, endpoint: EndpointState, binding: ClusterBinding) -> None:
+        figures = binding.service_figures
+        figures.connects += 1
+        began = perf_counter()
         try:
             conn = await self.dp.pool.connect(endpoint, binding.profile, binding.tls_context)
         except asyncio.CancelledError:
+            figures.connect_errors += 1
             return  # timed out or abandoned; the exchange moved on
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS handshake failure
+            figures.connect_errors += 1
             if self.endpoint is endpoint and not self.done:
                 self.connect_task = None
                 self.fail(NOTHING_SENT, f"connect: {exc}", timeout=False)
@@ -247,6 +266,8 @@ class Exchange(ResponseReceiver):
             conn.close()  # the exchange timed out, failed over or ended meanwhile
             return
         self.connect_task = None
+        if self.endpoint is endpoint:
+            self.connect_s = perf_counter() - began
         self.attach(conn)
         self.flush_upstream()
         self.flush_client()
@@ -272,6 +293,7 @@ class Exchange(ResponseReceiver):
             self.cflow.resume(BODY_BUFFERED)
 
     def request_body(self, data: bytes) -> None:
+        self.received += len(data)
         if self.discarding:
             return
         if self.req.chunked:
@@ -325,6 +347,7 @@ class Exchange(ResponseReceiver):
     def response_head(self, head: ResponseHead) -> None:
         self.stage = RESPONSE_STARTED
         self.resp_started = True
+        self.header_at = perf_counter()
         status = self.status = head.status
         req = self.req
         endpoint = self.endpoint
@@ -393,7 +416,9 @@ class Exchange(ResponseReceiver):
         if out:
             transport = self.transport
             if transport is not None and not self.client.closed:  # type: ignore[attr-defined]
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
+                self.sent += len(data)
+                transport.write(data)
             out.clear()
 
     # -- failures and retries --------------------------------------------------------------
@@ -444,6 +469,7 @@ class Exchange(ResponseReceiver):
         if (self.attempts < MAX_ATTEMPTS and not self.resp_started
                 and retry_decision(stage, self.req.method, self.replayable)):  # fmt: skip
             self.dp.retries += 1
+            binding.service_figures.retries += 1
             # Back one phase: the body written so far is sent again from the start.
             if self.kept:
                 self.pending = self.kept + (self.pending or [])
@@ -592,6 +618,21 @@ class Exchange(ResponseReceiver):
         self.done = True
         if clean:
             self.flush_client()
-        self.dp.status_counts[self.status] += 1
+        dp = self.dp
+        dp.status_counts[self.status] += 1
+        # The finish phase: the route's figures, and the access log line.
+        ended = perf_counter()
+        duration = ended - self.started
+        upstream = ended - self.attempt_at if self.attempt_at > 0.0 else -1.0
+        binding = self.binding
+        route = self.route
+        figures: RouteFigures | None = None
+        if binding is not None and route is not None:
+            figures = binding.figures.get(route.ingress)
+        if figures is None:
+            figures = dp.figures_for(self.route, binding)
+        figures.record(self.req.method, self.status, duration, upstream, self.received, self.sent)
+        if dp.access_log is not None:
+            dp.access_log.write(self, duration, upstream)
         self.cflow.resume(EXCHANGE_REASONS)
         self.client.exchange_done(self, clean and self.keep_alive and self.req_done)

@@ -141,6 +141,7 @@ class KindWatcher:
         self.events = 0
         self.lists = 0
         self.watches = 0
+        self.relists = 0  # lists again after 410 Gone
 
     @property
     def accept(self) -> str:
@@ -163,6 +164,7 @@ class KindWatcher:
                 log.info("%s: resourceVersion %s is gone; listing again", self.source,
                          self.resource_version)  # fmt: skip
                 need_list = True
+                self.relists += 1
                 backoff = BACKOFF_START_S
             except asyncio.CancelledError:
                 raise
@@ -297,6 +299,15 @@ class KubeSource:
         self.fetched_versions: dict[tuple[str, str], str] = {}
         self.secrets_listed = False  # every namespace's Secret metadata listed once
         self._secret_lists: set[str | None] = set()
+
+    def watch_figures(self) -> dict[str, tuple[int, int, int]]:
+        """Per kind: watch events, watches started again, lists again after 410 (metrics)."""
+        figures: dict[str, tuple[int, int, int]] = {}
+        for w in self.watchers:
+            events, restarts, relists = figures.get(w.spec.kind, (0, 0, 0))
+            figures[w.spec.kind] = (events + w.events, restarts + max(w.watches - 1, 0),
+                                    relists + w.relists)  # fmt: skip
+        return figures
 
     # -- Secrets: metadata watch, data read by name -------------------------------------
 

@@ -1,0 +1,13 @@
+# Cython declarations for observe.py (pure-Python mode): compiled, recording an exchange is a
+# C call on an extension type.
+
+cdef class RouteFigures:
+    cdef public list requests, duration, duration_sum, upstream, upstream_sum
+    cdef public Py_ssize_t bytes_in, bytes_out
+
+    cpdef record(self, bytes method, Py_ssize_t status, double duration, double upstream,
+                 Py_ssize_t bytes_in, Py_ssize_t bytes_out)
+
+
+cdef class ServiceFigures:
+    cdef public Py_ssize_t connects, connect_errors, retries
