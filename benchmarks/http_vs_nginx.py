@@ -261,6 +261,9 @@ def main() -> int:
                              "more than 1, nothing is pinned and edgeproxy with 1 worker runs too")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose installed edgeproxy is measured (default: this one)")
+    parser.add_argument("--access-log-cost", action="store_true",
+                        help="also edgeproxy with --access-log off (the others log to a file, "
+                             "as a container runtime's log would)")
     parser.add_argument("--compare", metavar="PYTHON",
                         help="also measure the edgeproxy installed for this interpreter "
                              "(another build, e.g. the previous commit) in the same rounds")
@@ -323,8 +326,12 @@ def main() -> int:
             variants = [("edgeproxy", 0, ["--workers", str(args.workers)], edgeproxy)]
             if args.workers > 1:
                 variants.append(("edgeproxy-1-worker", 0, ["--workers", "1"], edgeproxy))
+            if args.access_log_cost:
+                variants.append(("edgeproxy-log-off", 0, ["--workers", str(args.workers),
+                                                          "--access-log", "off"], edgeproxy))  # fmt: skip
             if args.compare:
-                variants.append(("edgeproxy-compare", 0, [], [args.compare, "-m", "edgeproxy.cli"]))
+                variants.append(("edgeproxy-compare", 0, ["--workers", str(args.workers)],
+                                 [args.compare, "-m", "edgeproxy.cli"]))  # fmt: skip
             if not args.skip_10k and args.workers == 1:
                 variants.append(("edgeproxy-10k", 10_000, [], edgeproxy))
             if args.balancers:
@@ -338,7 +345,7 @@ def main() -> int:
                      "--https" if tls else "--http", f"127.0.0.1:{port}",
                      "--admin", f"127.0.0.1:{admin}",
                      "--log-level", "warning", *flags],
-                    cwd=work, stdout=subprocess.DEVNULL,
+                    cwd=work, stdout=(work / f"{name}.access.log").open("ab"),
                 )  # fmt: skip
                 procs.append(proc)
                 wait_ready(admin, 180)  # the data port accepts early (backlog); ready is later
@@ -384,6 +391,16 @@ def main() -> int:
         one, two = summary["edgeproxy-1-worker"], summary["edgeproxy"]
         print(f"edgeproxy {args.workers} workers vs 1: {two['rps'] / one['rps']:.2f}x req/s, "
               f"{two['cpu_us_per_req'] / one['cpu_us_per_req']:.2f}x CPU per request")  # fmt: skip
+    if "edgeproxy-log-off" in summary:
+        on, off = summary["edgeproxy"], summary["edgeproxy-log-off"]
+        print(f"access log to a file vs off: {on['rps'] / off['rps']:.3f}x req/s, "
+              f"{on['cpu_us_per_req'] / off['cpu_us_per_req']:.3f}x CPU per request")  # fmt: skip
+    if "edgeproxy-compare" in summary:
+        new = summary.get("edgeproxy-log-off", summary["edgeproxy"])
+        old = summary["edgeproxy-compare"]
+        print(f"this build ({'log off' if 'edgeproxy-log-off' in summary else 'as run'}) vs the "
+              f"compared build: {new['rps'] / old['rps']:.3f}x req/s, "
+              f"{new['cpu_us_per_req'] / old['cpu_us_per_req']:.3f}x CPU per request")  # fmt: skip
     if "edgeproxy-10k" in summary:
         print(f"lookup among 10,000 Ingresses: {summary['edgeproxy-10k']['rps'] / summary['edgeproxy']['rps']:.3f}x "
               "the req/s with one")  # fmt: skip

@@ -3,6 +3,7 @@
     edgeproxy run --manifests PATH [...] --http HOST:PORT [--https HOST:PORT] --admin HOST:PORT
                   [--ingress-class NAME] [--workers N] [--shutdown-delay S] [--drain-timeout S]
     edgeproxy demo   (demo backends from config/ plus edgeproxy, all on loopback)
+    edgeproxy routes --manifests PATH | --kubeconfig FILE  [--explain URL [--header 'Host: x']]
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+from edgeproxy import __version__
 from edgeproxy.config import OutlierSettings, Settings
 
 log = logging.getLogger("edgeproxy")
@@ -26,6 +29,8 @@ def host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -39,82 +44,176 @@ def cidr_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
 def size(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     text = text.strip().lower()
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    try:
+        if text and text[-1] in units:
+            value = int(float(text[:-1]) * units[text[-1]])
+        else:
+            value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512k or 8m, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"seconds cannot be negative: {text!r}")
+    return value
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """Where objects come from (run, demo and routes)."""
+    p.add_argument("--manifests", action="append", type=Path, default=[], metavar="PATH",
+                   help="YAML/JSON file or directory of Kubernetes objects (repeatable)")
+    p.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                   help="watch the API server of this kubeconfig")
+    p.add_argument("--in-cluster", action="store_true",
+                   help="watch the API server with the pod's service account")
+    p.add_argument("--watch-namespace", action="append", default=[], metavar="NAMESPACE",
+                   help="namespace to watch (repeatable; default: all)")
+    p.add_argument("--ingress-class", metavar="NAME",
+                   help="serve only this IngressClass (default: ours by controller name, and "
+                        "Ingresses without a class when ours is the default class)")
+    p.add_argument("--default-balancer", default=Settings.default_balancer, metavar="NAME",
+                   help="load balancer where no Ingress annotation names one: round_robin, "
+                        "least_conn, hash, or a plugin's name (default: %(default)s)")
+
+
+class TerseParser(argparse.ArgumentParser):
+    """A usage error is one line (the whole usage is one --help away)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeproxy", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = TerseParser(prog="edgeproxy", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=TerseParser)
+    routes = sub.add_parser("routes", help="print the compiled routing table, or explain one request",
+                            description="Compile the objects as `run` would and print the "
+                                        "routing table, the invalid objects and why; with "
+                                        "--explain, where one request would go and why.")  # fmt: skip
+    add_source_options(routes)
+    routes.add_argument("--explain", metavar="URL",
+                        help="the request to explain, e.g. http://shop.example.com/api/items")
+    routes.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="a request header for --explain (Host overrides the URL's host)")
+    routes.add_argument("--json", action="store_true", help="print JSON instead of text")
+    routes.add_argument("--log-level", default="warning",
+                        choices=("debug", "info", "warning", "error"), help="edgeproxy's own log")
     for name, help_text in (
         ("run", "run the ingress data plane"),
         ("demo", "start demo backends from the manifests, then edgeproxy"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--manifests", action="append", type=Path, default=[],
-                       help="YAML/JSON file or directory of Kubernetes objects (repeatable)")
-        p.add_argument("--http", type=host_port,
-                       default=("127.0.0.1", 8080) if name == "demo" else None)
-        p.add_argument("--https", type=host_port,
-                       default=("127.0.0.1", 8443) if name == "demo" else None)
-        p.add_argument("--admin", type=host_port,
-                       default=("127.0.0.1", 9901) if name == "demo" else None)
-        p.add_argument("--ingress-class", help="serve only this IngressClass")
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_source_options(p)
+        p.add_argument("--http", type=host_port, metavar="HOST:PORT",
+                       default=("127.0.0.1", 8080) if name == "demo" else None,
+                       help="plain HTTP listener")
+        p.add_argument("--https", type=host_port, metavar="HOST:PORT",
+                       default=("127.0.0.1", 8443) if name == "demo" else None,
+                       help="HTTPS listener (certificates from the Ingresses' TLS Secrets)")
+        p.add_argument("--admin", type=host_port, metavar="HOST:PORT",
+                       default=("127.0.0.1", 9901) if name == "demo" else None,
+                       help="/healthz, /readyz, /metrics and /debug/* (debug views answer "
+                            "loopback clients only, unless --debug-allow)")
+        p.add_argument("--debug-allow", type=cidr_list, default=(), metavar="CIDR,...",
+                       help="also answer /debug/* for clients in these networks (the views list "
+                            "every host, backend and pod address)")
         p.add_argument("--workers", type=int, default=None,
                        help="processes serving traffic (default: the CPUs this process may use, "
                             "from its affinity and cgroup CPU quota)")
-        p.add_argument("--kubeconfig", type=Path, help="watch the API server of this kubeconfig")
-        p.add_argument("--in-cluster", action="store_true",
-                       help="watch the API server with the pod's service account")
-        p.add_argument("--watch-namespace", action="append", default=[],
-                       help="namespace to watch (repeatable; default all)")
-        p.add_argument("--default-certificate", help="NAMESPACE/NAME of a kubernetes.io/tls Secret")
-        p.add_argument("--publish-address", help="write this IP or hostname to Ingress status")
-        p.add_argument("--publish-service",
-                       help="NAMESPACE/NAME of a Service whose addresses go to Ingress status")
+        p.add_argument("--default-certificate", metavar="NAMESPACE/NAME",
+                       help="kubernetes.io/tls Secret for names no Ingress covers (default: a "
+                            "self-signed one)")
+        p.add_argument("--publish-address", metavar="IP|HOSTNAME",
+                       help="write this address to Ingress status")
+        p.add_argument("--publish-service", metavar="NAMESPACE/NAME",
+                       help="a Service whose addresses go to Ingress status")
+        p.add_argument("--publish-pods", metavar="LABEL=VALUE,...",
+                       help="write the nodes of the pods matching this selector (in the "
+                            "--lease-namespace) to Ingress status: a DaemonSet's every node")
         p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
                        help="namespace of the Lease that elects the one status writer")
-        p.add_argument("--connect-timeout", type=float, default=Settings.connect_timeout)
-        p.add_argument("--read-timeout", type=float, default=Settings.read_timeout)
-        p.add_argument("--client-header-timeout", type=float,
-                       default=Settings.client_header_timeout)
-        p.add_argument("--keepalive-timeout", type=float, default=Settings.keepalive_timeout)
-        p.add_argument("--upstream-idle-timeout", type=float,
-                       default=Settings.upstream_idle_timeout)
-        p.add_argument("--max-header-size", type=size, default=Settings.max_header_bytes)
+        p.add_argument("--connect-timeout", type=seconds, default=Settings.connect_timeout,
+                       help="seconds to connect to an endpoint (then the next, or 504)")
+        p.add_argument("--read-timeout", type=seconds, default=Settings.read_timeout,
+                       help="seconds an upstream may stay silent (then 504)")
+        p.add_argument("--client-header-timeout", type=seconds,
+                       default=Settings.client_header_timeout,
+                       help="seconds a client has to send a request head (then 408)")
+        p.add_argument("--keepalive-timeout", type=seconds, default=Settings.keepalive_timeout,
+                       help="seconds an idle client connection is kept")
+        p.add_argument("--upstream-idle-timeout", type=seconds,
+                       default=Settings.upstream_idle_timeout,
+                       help="seconds an idle pooled upstream connection is kept")
+        p.add_argument("--max-header-size", type=size, default=Settings.max_header_bytes,
+                       help="bytes of request line and fields (431 beyond)")
         p.add_argument("--max-body-size", type=size, default=Settings.max_body_bytes,
                        help="413 beyond this many request body bytes; 0 = unlimited")
-        p.add_argument("--reload-interval", type=float, default=Settings.reload_interval)
-        p.add_argument("--trusted-proxies", type=cidr_list, default=(),
-                       help="CIDR,... whose X-Forwarded-For/-Proto are trusted")
-        p.add_argument("--default-balancer", default=Settings.default_balancer)
+        p.add_argument("--reload-interval", type=seconds, default=Settings.reload_interval,
+                       help="seconds between checks of the manifest files for changes")
+        p.add_argument("--trusted-proxies", type=cidr_list, default=(), metavar="CIDR,...",
+                       help="peers whose X-Forwarded-For/-Proto are trusted")
         p.add_argument("--outlier-consecutive-failures", type=int,
-                       default=OutlierSettings.consecutive_gateway_failures)
-        p.add_argument("--outlier-base-ejection-time", type=float,
-                       default=OutlierSettings.base_ejection_time)
-        p.add_argument("--outlier-max-ejection-time", type=float,
-                       default=OutlierSettings.max_ejection_time)
+                       default=OutlierSettings.consecutive_gateway_failures,
+                       help="502/503/504s or connect failures in a row that eject an endpoint")
+        p.add_argument("--outlier-base-ejection-time", type=seconds,
+                       default=OutlierSettings.base_ejection_time,
+                       help="seconds of the first ejection (times the ejection count after)")
+        p.add_argument("--outlier-max-ejection-time", type=seconds,
+                       default=OutlierSettings.max_ejection_time,
+                       help="longest ejection, seconds")
         p.add_argument("--outlier-max-ejection-percent", type=float,
-                       default=OutlierSettings.max_ejection_percent)
+                       default=OutlierSettings.max_ejection_percent,
+                       help="at most this share of a cluster's endpoints is ejected (at least one)")
         p.add_argument("--panic-threshold", type=float,
-                       default=OutlierSettings.panic_threshold_percent)
-        p.add_argument("--shutdown-delay", type=float, default=5.0,
+                       default=OutlierSettings.panic_threshold_percent,
+                       help="below this percent of healthy endpoints, balance over all of them")
+        p.add_argument("--shutdown-delay", type=seconds, default=5.0,
                        help="seconds to keep accepting after SIGTERM, with /readyz 503 (time for "
                             "EndpointSlices, kube-proxy and load balancers to drop the pod)")
-        p.add_argument("--drain-timeout", type=float, default=30.0,
+        p.add_argument("--drain-timeout", type=seconds, default=30.0,
                        help="then, seconds requests and tunnels in flight get to finish")
-        p.add_argument("--handover-socket", type=Path,
+        p.add_argument("--handover-socket", type=Path, metavar="PATH",
                        help="Unix socket through which a new edgeproxy on the same ports takes "
                             "this one's listening sockets (and this one takes its predecessor's)")
         p.add_argument("--access-log", default=Settings.access_log, metavar="off|-|PATH",
-                       help="one JSON line per request: - for stdout, off, or a file to append to "
-                            "(default: %(default)s)")
+                       help="one JSON line per request: - for stdout, off, or a file to append to")
         p.add_argument("--access-log-buffer", type=size, default=Settings.access_log_buffer,
                        help="bytes of access log held while its reader is slow; lines beyond "
-                            "are dropped and counted, traffic never waits (default: 4m)")
-        p.add_argument("--log-level", default="info")
+                            "are dropped and counted, traffic never waits")
+        p.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error"), help="edgeproxy's own log")
     return parser
+
+
+def check_sources(args: argparse.Namespace) -> str | None:
+    """What is wrong with where objects come from, in one line; None if nothing."""
+    if not args.manifests and not (args.kubeconfig or args.in_cluster):
+        return "give --manifests PATH, --kubeconfig FILE or --in-cluster"
+    for path in args.manifests:
+        if not path.exists():
+            return f"--manifests {path}: no such file or directory"
+    if args.kubeconfig is not None and not args.kubeconfig.is_file():
+        return f"--kubeconfig {args.kubeconfig}: no such file"
+    if args.in_cluster:
+        token = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        if not os.environ.get("KUBERNETES_SERVICE_HOST") or not token.is_file():
+            return ("--in-cluster: not running in a Kubernetes pod (no KUBERNETES_SERVICE_HOST or "
+                    f"no {token})")  # fmt: skip
+    from edgeproxy.balancing import load_balancers
+
+    known = load_balancers()
+    if args.default_balancer not in known:
+        return f"--default-balancer {args.default_balancer!r}: unknown (known: {', '.join(sorted(known))})"
+    return None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -148,13 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.manifests and not (args.kubeconfig or args.in_cluster):
-        default = Path("config")
-        if args.command == "demo" and default.is_dir():
-            args.manifests = [default]
-        else:
-            log.error("give --manifests PATH, --kubeconfig FILE or --in-cluster")
-            return 2
+    if args.command == "demo" and not args.manifests and not (args.kubeconfig or args.in_cluster):
+        if Path("config").is_dir():
+            args.manifests = [Path("config")]
+    problem = check_sources(args)
+    if problem is not None:
+        log.error("%s", problem)
+        return 2
+    if args.command == "routes":
+        from edgeproxy.explain import main as routes_main
+
+        return routes_main(args)
     if args.workers is not None and args.workers < 1:
         log.error("--workers must be at least 1")
         return 2

@@ -58,9 +58,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -72,12 +72,13 @@ def open_listeners(wanted: list[tuple[str, str, int]], slots: int,
     listeners = []
     for scheme, host, port in wanted:
         listener = Listener(scheme, host, port, inherited.pop((host, port), []))
-        if not listener.sockets and in_use(host, port):
+        shared = not listener.sockets and in_use(host, port)
+        while len(listener.sockets) < slots:
+            listener.sockets.append(bind_socket(host, port))  # raises if it is not ours to share
+        if shared:
             log.warning("%s:%d is already listened on (SO_REUSEPORT): sharing it, as a replacement "
                         "without --handover-socket does; new connections are split between both",
                         host, port)  # fmt: skip
-        while len(listener.sockets) < slots:
-            listener.sockets.append(bind_socket(host, port))
         listeners.append(listener)
     for (host, port), socks in inherited.items():  # handed over but no longer wanted
         log.warning("handed-over listener %s:%d is not configured here; closed", host, port)

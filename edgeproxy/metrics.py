@@ -212,7 +212,7 @@ class WorkerCollector(Collector):
         yield invalid
         errors = GaugeMetricFamily("edgeproxy_manifest_files_unreadable",
                                    "Manifest files whose last read failed (their last good objects serve).")  # fmt: skip
-        errors.add_metric([], len(getattr(self.sup, "manifest_errors", {}) or {}))
+        errors.add_metric([], len(self.sup.manifest_errors))
         yield errors
 
     def _watches(self) -> Iterator[Any]:

@@ -136,6 +136,7 @@ class Supervisor:
         self.sources_listed: list[bool] = []
         self.listed_generation = 0
         self.kube: Any = None
+        self.manifest_errors: dict[Path, str] = {}  # manifest files whose last read failed
         self.serving = False  # "serve" was sent: the first complete table is out
         self.draining = False  # SIGTERM seen: /readyz says 503
         self.stopping = False  # the drain has begun: no more respawns
@@ -391,6 +392,7 @@ class Supervisor:
             manifests = ManifestSource([Path(p) for p in args.manifests], self.store,
                                        self.settings.reload_interval)  # fmt: skip
             manifests.load()
+            self.manifest_errors = manifests.errors
             self.background.append(self.loop.create_task(manifests.watch()))
         if args.kubeconfig or args.in_cluster:
             from edgeproxy.sources.kube import KubeSource
@@ -459,7 +461,12 @@ class Supervisor:
         if handover_path is None and not migrate_req_enabled():
             log.info("no --handover-socket and net.ipv4.tcp_migrate_req is off: a replacement "
                      "on these ports loses what the old listeners had queued when they close")  # fmt: skip
-        self.listeners = open_listeners(wanted, self.slots, inherited)
+        try:  # before anything starts: a port in use is one line and exit 2, not a traceback
+            self.listeners = open_listeners(wanted, self.slots, inherited)
+            admin_runner = await self._start_admin()
+        except OSError as exc:
+            log.error("cannot listen: %s", exc)
+            return 2
         if handover_path is not None:
             self.handover = HandoverServer(handover_path, self.listeners)
             loop.add_reader(self.handover.start(), self.handover.serve_one)
@@ -476,7 +483,6 @@ class Supervisor:
             log.info("%s listener on %s:%d, %d workers (hot path: %s)", listener.scheme.upper(),
                      listener.host, listener.port, self.slots,
                      "compiled" if compiled() else "pure Python")  # fmt: skip
-        admin_runner = await self._start_admin()
         ticker = loop.create_task(self.tick())
 
         await self.stop_requested.wait()

@@ -2,7 +2,9 @@
 
 Polls file modification times (cheap, bounded: one stat per file per interval) instead of
 inotify, so it works the same on every filesystem, including ConfigMap volumes whose files
-are swapped through symlinks.
+are swapped through symlinks. Only changed files are parsed again. A file that no longer
+parses keeps its last good objects serving; its error is logged once, shown in /debug/routes
+and explain, and counted in edgeproxy_manifest_files_unreadable until the file is mended.
 """
 
 from __future__ import annotations
@@ -53,18 +55,30 @@ def _documents(obj: Any) -> Iterator[dict[str, Any]]:
             yield obj
 
 
-def load_file(path: Path) -> list[dict[str, Any]]:
-    """Objects of one file; an unparsable file logs one line and yields nothing."""
+class UnreadableFile(Exception):
+    """A manifest file that cannot be read or parsed (the message says where)."""
+
+
+def parse_file(path: Path) -> list[dict[str, Any]]:
+    """Objects of one file; raises UnreadableFile."""
     try:
         raw = path.read_bytes()
         if path.suffix == ".json":
             docs: list[Any] = [orjson.loads(raw)]
         else:
             docs = list(yaml.load_all(raw, Loader=SAFE_LOADER))
-    except (OSError, yaml.YAMLError, orjson.JSONDecodeError) as exc:
+    except (OSError, yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnreadableFile(" ".join(str(exc).split())) from None
+    return [obj for doc in docs for obj in _documents(doc)]
+
+
+def load_file(path: Path) -> list[dict[str, Any]]:
+    """Objects of one file; an unparsable one logs a line and yields nothing."""
+    try:
+        return parse_file(path)
+    except UnreadableFile as exc:
         log.error("skipping manifest file %s: cannot parse it: %s", path, exc)
         return []
-    return [obj for doc in docs for obj in _documents(doc)]
 
 
 class ManifestSource:
@@ -73,6 +87,8 @@ class ManifestSource:
         self._store = store
         self._interval = interval
         self._seen: dict[Path, tuple[int, int]] = {}
+        self._objects: dict[Path, list[dict[str, Any]]] = {}  # each file's last good objects
+        self.errors: dict[Path, str] = {}  # files whose last read failed, and why
 
     def _stamp(self) -> dict[Path, tuple[int, int]]:
         stamps = {}
@@ -85,11 +101,28 @@ class ManifestSource:
         return stamps
 
     def load(self) -> None:
-        """Read every file and replace this source's objects in the store."""
+        """Read the files that changed and replace this source's objects in the store."""
         stamps = self._stamp()
-        objects = [obj for path in stamps for obj in load_file(path)]
+        for path in list(self._objects):
+            if path not in stamps:  # removed: its objects go
+                del self._objects[path]
+                self.errors.pop(path, None)
+        for path, stamp in stamps.items():
+            if self._seen.get(path) == stamp and path in self._objects:
+                continue
+            try:
+                self._objects[path] = parse_file(path)
+            except UnreadableFile as exc:
+                kept = len(self._objects.get(path, ()))
+                if self.errors.get(path) != str(exc):
+                    log.error("manifest file %s cannot be parsed: %s; its last good objects (%d) "
+                              "keep serving", path, exc, kept)  # fmt: skip
+                self.errors[path] = str(exc)
+                continue
+            if self.errors.pop(path, None) is not None:
+                log.info("manifest file %s parses again", path)
         self._seen = stamps
-        self._store.replace(SOURCE_NAME, objects)
+        self._store.replace(SOURCE_NAME, [o for path in stamps for o in self._objects.get(path, ())])
 
     def changed_on_disk(self) -> bool:
         return self._stamp() != self._seen
