@@ -26,6 +26,7 @@ HOT_PATH = [
     "edgeproxy/proxy/exchange.py",
     "edgeproxy/proxy/http1_server.py",
     "edgeproxy/proxy/_heads.pyx",
+    "edgeproxy/_accesslog.pyx",
 ]
 
 

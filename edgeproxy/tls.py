@@ -9,13 +9,14 @@ gives a new context for new handshakes; established connections keep theirs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from edgeproxy.compile import TlsBinding
@@ -55,7 +56,30 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes, where: str) -> ssl.SSLCont
     if cert.not_valid_after_utc < now:
         raise BadCertificate(f"{where}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     ctx = _new_server_context()
-    # load_cert_chain reads files only; write to a private temporary directory and remove.
+    try:
+        with _pem_files(cert_pem, key_pem) as (cert_file, key_file):
+            ctx.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        raise BadCertificate(f"{where}: key does not match the certificate or is not PEM "
+                             f"({exc.reason or exc})") from None  # fmt: skip
+    return ctx
+
+
+@contextlib.contextmanager
+def _pem_files(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
+    """Paths load_cert_chain can read (it takes files only): anonymous memory files, so the
+    key never touches a disk and a read-only root filesystem is fine; else a private
+    temporary directory."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("tls.crt"), os.memfd_create("tls.key")]
+        try:
+            for fd, pem in zip(fds, (cert_pem, key_pem), strict=True):
+                os.write(fd, pem)
+            yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
     with tempfile.TemporaryDirectory(prefix="edgeproxy-tls-") as tmp:
         cert_file = os.path.join(tmp, "tls.crt")
         key_file = os.path.join(tmp, "tls.key")
@@ -63,12 +87,7 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes, where: str) -> ssl.SSLCont
             f.write(cert_pem)
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
             f.write(key_pem)
-        try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except ssl.SSLError as exc:
-            raise BadCertificate(f"{where}: key does not match the certificate or is not PEM "
-                                 f"({exc.reason or exc})") from None  # fmt: skip
-    return ctx
+        yield cert_file, key_file
 
 
 def self_signed_pem(common_name: str = "edgeproxy default") -> tuple[bytes, bytes]:

@@ -118,7 +118,7 @@ async def test_the_access_log_has_one_line_per_request_with_what_happened(
                                 "--access-log", str(log))  # fmt: skip
     client = await Client.connect(proxy.http)
     first = await client.request("GET", "/shop?q=1", host="site.example.com",
-                                 headers=[("User-Agent", "probe/1.0"), ("X-Request-ID", "req-42")])  # fmt: skip
+                                 headers=[("User-Agent", 'probe/1.0 "x" \\ \xe9'), ("X-Request-ID", "req-42")])  # fmt: skip
     second = await client.request("POST", "/", host="site.example.com", body=b"hello")
     await client.close()
     assert (await fetch(proxy.http, "GET", "/", host="nowhere.example.com")).status == 404
@@ -133,7 +133,7 @@ async def test_the_access_log_has_one_line_per_request_with_what_happened(
     one, two, three = lines
     assert one["method"] == "GET" and one["path"] == "/shop?q=1" and one["status"] == 200
     assert one["host"] == "site.example.com" and one["protocol"] == "HTTP/1.1"
-    assert one["client"] == "127.0.0.1" and one["user_agent"] == "probe/1.0"
+    assert one["client"] == "127.0.0.1" and one["user_agent"] == 'probe/1.0 "x" \\ \xe9'  # escaped, obs-text as latin-1
     assert one["request_id"] == "req-42" and one["retries"] == 0
     assert one["ingress"] == "default/site" and one["service"] == "default/web:80"
     assert one["upstream"] == f"127.0.0.2:{port}"
@@ -190,3 +190,14 @@ async def test_the_convergence_histogram_counts_each_endpoint_slice_change(
     assert value(m, "edgeproxy_watch_events_total", kind="EndpointSlice") >= 3
     # Every change is live in both workers within the histogram's largest finite bucket.
     assert value(m, "edgeproxy_convergence_seconds_bucket", le="30.0") == before + 3
+
+
+def test_bucket_of_agrees_with_bisect() -> None:
+    import random
+    from bisect import bisect_left
+
+    from edgeproxy.proxy.observe import BUCKETS, bucket_of
+
+    values = [0.0, 1e-9, 60.0, 61.0, 1e9, *BUCKETS, *(random.uniform(0, 70) for _ in range(2000))]
+    for seconds in values:
+        assert bucket_of(seconds) == bisect_left(BUCKETS, seconds), seconds

@@ -1,6 +1,12 @@
 # Cython declarations for observe.py (pure-Python mode): compiled, recording an exchange is a
 # C call on an extension type.
 
+cimport cython
+
+@cython.locals(i=Py_ssize_t, last=Py_ssize_t, buckets=tuple)
+cpdef Py_ssize_t bucket_of(double seconds)
+
+
 cdef class RouteFigures:
     cdef public list requests, duration, duration_sum, upstream, upstream_sum
     cdef public Py_ssize_t bytes_in, bytes_out

@@ -3,13 +3,11 @@
 Each worker counts into plain lists, one RouteFigures per (namespace, ingress, service); the
 supervisor polls them and sums them over the workers into /metrics (edgeproxy.metrics). No
 exporter object is touched per request: a count is a list index, a histogram observation a
-bisect. Labels stay bounded by the configuration: no path, client or endpoint, and methods
+short scan of the buckets. Labels stay bounded by the configuration: no path, client or endpoint, and methods
 outside METHODS count as "other".
 """
 
 from __future__ import annotations
-
-from bisect import bisect_left
 
 # Seconds. Prometheus' defaults, with the sub-5 ms buckets a proxy in front of fast pods needs.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -22,6 +20,18 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
 METHOD_INDEX = {m.encode(): i for i, m in enumerate(METHODS[:-1])}
 OTHER_METHOD = len(METHODS) - 1
 UNROUTED = ("", "", "")  # answered before a route was found (404, 400)
+
+
+def bucket_of(seconds: float) -> int:
+    """bisect_left(BUCKETS, seconds): the first bucket that holds it. A scan from the smallest:
+    most requests end in the first few buckets, and compiled it compares C doubles (bisect
+    compared Python floats, a third of the recording's cost)."""
+    buckets = BUCKETS
+    last = N_BUCKETS - 1
+    for i in range(last):
+        if seconds <= buckets[i]:
+            return i
+    return last
 
 
 class RouteFigures:
@@ -44,10 +54,10 @@ class RouteFigures:
         """`upstream`: seconds from the last attempt's start to its response's end; < 0: none."""
         klass = status // 100 if 100 <= status < 600 else 0
         self.requests[METHOD_INDEX.get(method, OTHER_METHOD) * N_CLASSES + klass] += 1
-        self.duration[klass * N_BUCKETS + bisect_left(BUCKETS, duration)] += 1
+        self.duration[klass * N_BUCKETS + bucket_of(duration)] += 1
         self.duration_sum[klass] += duration
         if upstream >= 0.0:
-            self.upstream[klass * N_BUCKETS + bisect_left(BUCKETS, upstream)] += 1
+            self.upstream[klass * N_BUCKETS + bucket_of(upstream)] += 1
             self.upstream_sum[klass] += upstream
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
