@@ -48,11 +48,14 @@ def load_balancer_entries(addresses: Iterable[str]) -> list[dict[str, str]]:
 
 class StatusWriter:
     def __init__(self, store: ObjectStore, api: ApiTransport, *, publish_address: str | None,
-                 publish_service: str | None, lease_namespace: str) -> None:  # fmt: skip
+                 publish_service: str | None, lease_namespace: str,
+                 publish_pods: str | None = None) -> None:  # fmt: skip
         self.store = store
         self.api = api
         self.publish_address = publish_address
         self.publish_service = publish_service
+        self.publish_pods = publish_pods  # a label selector: every node such a pod runs on
+        self.pod_addresses: list[str] = []
         self.lease_namespace = lease_namespace
         self.identity = f"{socket.gethostname()}-{os.getpid()}"
         self.leader = False
@@ -65,6 +68,8 @@ class StatusWriter:
         self._dirty.set()
 
     def desired(self) -> list[dict[str, str]]:
+        if self.publish_pods:
+            return load_balancer_entries(self.pod_addresses)
         if self.publish_address:
             return load_balancer_entries([self.publish_address])
         if self.publish_service:
@@ -80,6 +85,8 @@ class StatusWriter:
         while True:
             try:
                 await self._elect()
+                if self.leader and self.publish_pods:
+                    await self._read_pods()
                 if self.leader and self._dirty.is_set():
                     self._dirty.clear()
                     await self._write_all()
@@ -142,6 +149,23 @@ class StatusWriter:
             return resp.status < 300  # 409: another replica won the race
         finally:
             resp.release()
+
+    async def _read_pods(self) -> None:
+        """The node addresses of the ready pods of this DaemonSet (its --publish-pods selector):
+        a client may be sent to any node edgeproxy serves on, not only the leader's."""
+        path = f"/api/v1/namespaces/{self.lease_namespace}/pods"
+        data = await self.api.get_json(path, [("labelSelector", self.publish_pods)])
+        addresses = set()
+        for pod in data.get("items") or []:
+            status = pod.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in status.get("conditions") or [])  # fmt: skip
+            if ready and status.get("hostIP"):
+                addresses.add(status["hostIP"])
+        found = sorted(addresses, key=lambda a: (":" in a, a))
+        if found != self.pod_addresses:
+            self.pod_addresses = found
+            self._dirty.set()
 
     async def _write_all(self) -> None:
         want = self.desired()

@@ -410,7 +410,7 @@ class Supervisor:
                 self.sources_listed[0] = True
 
             self.background.append(self.loop.create_task(kube.run(on_listed=listed)))
-            if args.publish_address or args.publish_service:
+            if args.publish_address or args.publish_service or args.publish_pods:
                 self.background.append(self.loop.create_task(self._write_status(kube)))
 
     async def _write_status(self, kube: Any) -> None:
@@ -420,6 +420,7 @@ class Supervisor:
             await asyncio.sleep(0.05)
         writer = StatusWriter(self.store, kube.api, publish_address=self.args.publish_address,
                               publish_service=self.args.publish_service,
+                              publish_pods=self.args.publish_pods,
                               lease_namespace=self.args.lease_namespace)  # fmt: skip
         self.pipeline.on_published.append(lambda r: writer.published(r.served_ingresses))
         if self.pipeline.last is not None:

@@ -29,6 +29,7 @@ ROUTES = {
     "endpointslices": ("EndpointSlice", True),
     "secrets": ("Secret", True),
     "leases": ("Lease", True),
+    "pods": ("Pod", True),
 }
 GROUPS = ("/api/v1", "/apis/networking.k8s.io/v1", "/apis/discovery.k8s.io/v1",
           "/apis/coordination.k8s.io/v1")  # fmt: skip
@@ -147,9 +148,14 @@ current-context: fake
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def _matches(self, obj: dict[str, Any], kind: str, ns: str | None, selector: str | None) -> bool:
+    def _matches(self, obj: dict[str, Any], kind: str, ns: str | None, selector: str | None,
+                 labels: str | None = None) -> bool:  # fmt: skip
         if obj["kind"] != kind:
             return False
+        for term in (labels or "").split(","):  # equality terms only: key=value
+            key, _, value = term.partition("=")
+            if key and (obj["metadata"].get("labels") or {}).get(key) != value:
+                return False
         if ns is not None and obj["metadata"].get("namespace", "default") != ns:
             return False
         if selector:
@@ -178,7 +184,7 @@ current-context: fake
             items, rv = self._pages.pop(token), self._page_rv.pop(token)
         else:
             items = [self._shape(o, metadata_only) for o in sorted(self.objects.values(), key=self._key)
-                     if self._matches(o, kind, ns, selector)]  # fmt: skip
+                     if self._matches(o, kind, ns, selector, request.query.get("labelSelector"))]  # fmt: skip
             rv = str(self.rv)
         limit = int(request.query.get("limit") or 0)
         meta: dict[str, Any] = {"resourceVersion": rv}

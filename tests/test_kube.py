@@ -218,6 +218,38 @@ async def test_ingress_status_is_written_once_by_the_leader(api: FakeApiServer, 
     assert lease["spec"]["holderIdentity"]
 
 
+async def test_status_lists_every_node_a_ready_edgeproxy_pod_runs_on(
+    api: FakeApiServer, pods: Pods, kube_proxy: Any
+) -> None:
+    """A DaemonSet: clients may be sent to any node, so status names them all (not only the
+    status writer's own)."""
+
+    def pod(name: str, node_ip: str, ready: bool) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": "edgeproxy"}},
+                "status": {"hostIP": node_ip,
+                           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}  # fmt: skip
+
+    port = await pods.start("127.0.0.2")
+    other = {"apiVersion": "v1", "kind": "Pod", "status": {"hostIP": "192.0.2.99"},
+             "metadata": {"name": "unrelated", "namespace": "default", "labels": {"app": "web"}}}  # fmt: skip
+    await api.apply(*simple_site(port, "127.0.0.2"), pod("ep-a", "192.0.2.11", True),
+                    pod("ep-b", "192.0.2.10", True), pod("ep-c", "192.0.2.12", False), other)  # fmt: skip
+    await kube_proxy("--publish-pods", "app=edgeproxy")
+
+    def addresses() -> list[str]:
+        ing = api.objects[("Ingress", "default", "site")]
+        return [e["ip"] for e in (ing.get("status") or {}).get("loadBalancer", {}).get("ingress", [])]
+
+    await eventually(lambda: _is(_value(addresses()), ["192.0.2.10", "192.0.2.11"]))
+    await api.apply(pod("ep-c", "192.0.2.12", True))  # a node whose pod turned ready
+    await eventually(lambda: _is(_value(addresses()), ["192.0.2.10", "192.0.2.11", "192.0.2.12"]))
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
 async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, kube_proxy: Any) -> None:  # fmt: skip
     """maxUnavailable=0: each new pod is added and ready before an old one starts terminating."""
     old = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
