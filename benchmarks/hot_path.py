@@ -98,12 +98,18 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--browser", action="store_true", help="a 13-field browser request")
     parser.add_argument("--ingresses", type=int, default=0, help="other Ingresses in the table")
+    parser.add_argument("--access-log", metavar="PATH",
+                        help="write the access log there (e.g. /dev/null), as a worker does")
     parser.add_argument("--opcodes", action="store_true",
                         help="count bytecodes per exchange, by function (sys.settrace; slow)")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     dp = Dataplane(Settings(), loop)
     dp.balancer_types = load_balancers()
+    if args.access_log:
+        from edgeproxy.accesslog import AccessLog
+
+        dp.access_log = AccessLog(args.access_log, loop, 1 << 30)
     store = ObjectStore()
     filler = [
         {"kind": "Ingress", "metadata": {"name": f"other-{i}", "namespace": "b"},
@@ -127,10 +133,14 @@ def main() -> int:
 
     request = BROWSER_REQUEST if args.browser else REQUEST
 
+    log = getattr(dp, "access_log", None)
+
     def run(n: int) -> None:
-        for _ in range(n):
+        for i in range(n):
             client.data_received(request)
             upstream.data_received(RESPONSE)
+            if log is not None and i % 256 == 0:
+                log.flush()  # the worker's 100 ms timer, at about this rate
 
     run(1000)
     assert down_transport.writes == 1000 and up_transport.writes == 1000, "not one write per side"

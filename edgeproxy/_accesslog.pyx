@@ -8,6 +8,7 @@ clock_gettime with the second's part formatted once per second. Same fields and 
 the Python version (tests/test_observability.py compares them, parsed).
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
@@ -29,6 +30,10 @@ cdef extern from "<time.h>" nogil:
 DEF CAP = 8192  # a line longer than this (a huge URL) goes to the Python version
 
 cdef const char* HEX = b"0123456789abcdef"
+# Bytes a JSON string takes as they are: printable ASCII but the quote and the backslash.
+cdef unsigned char PLAIN[256]
+for _c in range(256):
+    PLAIN[_c] = 32 <= _c < 127 and _c != 34 and _c != 92
 
 cdef long _second = -1
 cdef char _stamp[32]
@@ -55,8 +60,9 @@ cdef class _Buf:
         self.escaped(<const unsigned char*>PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), False)
 
     cdef void escaped(self, const unsigned char* p, Py_ssize_t k, bint utf8):
-        """`p` JSON-escaped in quotes: bytes >= 0x80 are latin-1 (encoded) or already UTF-8."""
-        cdef Py_ssize_t i
+        """`p` JSON-escaped in quotes: bytes >= 0x80 are latin-1 (encoded) or already UTF-8.
+        Runs of bytes that need nothing are copied whole (most fields are all such bytes)."""
+        cdef Py_ssize_t i = 0, start
         cdef unsigned char c
         if self.n + 6 * k + 2 > CAP:
             self.full = True
@@ -65,13 +71,22 @@ cdef class _Buf:
         cdef Py_ssize_t n = self.n
         out[n] = 34
         n += 1
-        for i in range(k):
+        while i < k:
+            start = i
+            while i < k and (PLAIN[p[i]] or (utf8 and p[i] >= 128)):
+                i += 1
+            if i > start:
+                memcpy(out + n, p + start, i - start)
+                n += i - start
+                if i == k:
+                    break
             c = p[i]
+            i += 1
             if c == 34 or c == 92:
                 out[n] = 92
                 out[n + 1] = c
                 n += 2
-            elif c < 32:
+            elif c < 32 or c == 127:
                 out[n] = 92
                 out[n + 1] = 117
                 out[n + 2] = 48
@@ -79,9 +94,6 @@ cdef class _Buf:
                 out[n + 4] = HEX[c >> 4]
                 out[n + 5] = HEX[c & 15]
                 n += 6
-            elif c < 128 or utf8:
-                out[n] = c
-                n += 1
             else:  # U+0080..U+00FF in UTF-8
                 out[n] = 0xC0 | (c >> 6)
                 out[n + 1] = 0x80 | (c & 0x3F)
@@ -167,6 +179,14 @@ cdef _Buf _BUF = _Buf()
 def format_line(object exchange, double duration, double upstream):
     """The JSON line (with its newline) for a finished exchange; None if it would not fit in
     CAP bytes (the caller then uses the Python version)."""
+    cdef _Buf b = _fill(exchange, duration, upstream)
+    if b is None:
+        return None
+    return PyBytes_FromStringAndSize(b.data, b.n)
+
+
+cdef _Buf _fill(object exchange, double duration, double upstream):
+    """The line in the shared buffer; None if it does not fit."""
     cdef Exchange ex = <Exchange?>exchange
     cdef _Buf b = _BUF  # one buffer: a worker formats one line at a time, on its loop
     b.n = 0
@@ -174,10 +194,10 @@ def format_line(object exchange, double duration, double upstream):
     cdef RequestHead req = ex.req
     cdef EndpointState endpoint = ex.picked
     route = ex.route
-    request_id = ex.request_id
+    request_id = ex.request_id  # the one edgeproxy added, else the client's
     if request_id is None:
-        request_id = req.header(b"x-request-id")
-    agent = req.header(b"user-agent")
+        request_id = req.request_id
+    agent = req.user_agent
     b.lit(b'{"time":"')
     _now(b)
     b.lit(b'","client":')
@@ -226,34 +246,35 @@ def format_line(object exchange, double duration, double upstream):
     b.lit(b'}\n')
     if b.full:
         return None
-    return PyBytes_FromStringAndSize(b.data, b.n)
+    return b
 
 
 cdef class LineLog:
     """The hot part of accesslog.AccessLog (the Python twin is accesslog.LineLogPy): format
-    the line and keep it, or count it dropped when the reader is too far behind."""
+    the line straight onto the end of `buf`, or count it dropped when the reader is too far
+    behind. No bytes object per line: the flush writes from `buf` and cuts what went out."""
 
-    cdef public list lines
-    cdef public Py_ssize_t pending, max_pending, dropped, batch, unsent_len
+    cdef public bytearray buf
+    cdef public Py_ssize_t max_pending, dropped, batch
 
     def __init__(self, Py_ssize_t max_pending, Py_ssize_t batch):
-        self.lines = []
-        self.pending = 0
+        self.buf = bytearray()
         self.max_pending = max_pending
         self.dropped = 0
         self.batch = batch
-        self.unsent_len = 0
 
     cpdef write(self, object exchange, double duration, double upstream):
-        if self.pending > self.max_pending:
+        cdef Py_ssize_t size = PyByteArray_GET_SIZE(self.buf)
+        if size > self.max_pending:
             self.dropped += 1
             return
-        line = format_line(exchange, duration, upstream)
-        if line is None:
-            line = self.format_long(exchange, duration, upstream)
-        self.lines.append(line)
-        self.pending += PyBytes_GET_SIZE(line)
-        if self.pending - self.unsent_len >= self.batch:
+        cdef _Buf b = _fill(exchange, duration, upstream)
+        if b is None:  # longer than the C buffer (a huge URL)
+            self.buf += self.format_long(exchange, duration, upstream)
+        else:
+            PyByteArray_Resize(self.buf, size + b.n)
+            memcpy(PyByteArray_AS_STRING(self.buf) + size, b.data, b.n)
+        if PyByteArray_GET_SIZE(self.buf) >= self.batch:
             self.flush()
 
     def format_long(self, exchange, duration, upstream):

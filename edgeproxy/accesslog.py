@@ -1,11 +1,12 @@
-"""The access log: one JSON line per request (orjson), never a wait for the event loop.
+"""The access log: one JSON line per request, never a wait for the event loop.
 
-The finish phase hands each exchange to AccessLog.write, which formats its line into memory.
-The worker flushes every FLUSH_INTERVAL_S (sooner when BATCH_BYTES wait) with non-blocking
-writes to a file description of its own: a pipe or terminal on stdout is reopened through
-/proc, so O_NONBLOCK never reaches the supervisor's stderr when both share one pipe. When the reader falls behind
-and `max_pending` bytes (--access-log-buffer) wait, new lines are dropped and counted (`dropped`, in /metrics as
-edgeproxy_access_log_dropped_lines_total): traffic never waits on the log.
+The finish phase hands each exchange to AccessLog.write, which formats its line onto the end
+of one buffer (in C when compiled: _accesslog.pyx). The worker flushes every FLUSH_INTERVAL_S
+(sooner when BATCH_BYTES wait) with non-blocking writes to a file description of its own: a
+pipe or terminal on stdout is reopened through /proc, so O_NONBLOCK never reaches the
+supervisor's stderr when both share one pipe. When the reader falls behind and `max_pending`
+bytes (--access-log-buffer) wait, new lines are dropped and counted (`dropped`, in /metrics
+as edgeproxy_access_log_dropped_lines_total): traffic never waits on the log.
 
 Writes to a pipe are cut at line ends in pieces of at most PIPE_BUF bytes, which the kernel
 writes whole, so the lines of several workers on one stdout never interleave mid-line.
@@ -50,58 +51,45 @@ def open_target(target: str) -> tuple[int, bool, socket.socket | None]:
 
 
 class LineLogPy:
-    """The hot part: format the line and keep it, or count it dropped when the reader is too
-    far behind (the C twin, _accesslog.LineLog, is used when compiled)."""
+    """The hot part: format the line onto the end of `buf`, or count it dropped when the
+    reader is too far behind (the C twin, _accesslog.LineLog, is used when compiled)."""
 
     def __init__(self, max_pending: int, batch: int) -> None:
-        self.lines: list[bytes] = []
-        self.pending = 0  # bytes in lines and in the unsent rest of the last write
+        self.buf = bytearray()  # lines not written yet
         self.max_pending = max_pending
         self.dropped = 0
         self.batch = batch
-        self.unsent_len = 0
 
     def write(self, exchange: Any, duration: float, upstream: float) -> None:
         """The finish phase of one exchange (proxy.exchange.Exchange)."""
-        if self.pending > self.max_pending:
+        if len(self.buf) > self.max_pending:
             self.dropped += 1
             return
-        line = format_line(exchange, duration, upstream)
-        if line is None:
-            line = self.format_long(exchange, duration, upstream)
-        self.lines.append(line)
-        self.pending += len(line)
-        if self.pending - self.unsent_len >= self.batch:
+        self.buf += format_line_py(exchange, duration, upstream)
+        if len(self.buf) >= self.batch:
             self.flush()
 
     def format_long(self, exchange: Any, duration: float, upstream: float) -> bytes:
-        raise NotImplementedError
+        return format_line_py(exchange, duration, upstream)
 
     def flush(self) -> None:
         raise NotImplementedError
 
 
-def format_line(exchange: Any, duration: float, upstream: float) -> bytes | None:
-    return format_line_py(exchange, duration, upstream)
-
-
 try:  # the C twins, when setup.py could compile them
-    from edgeproxy._accesslog import LineLog, format_line  # type: ignore[no-redef]
+    from edgeproxy._accesslog import LineLog
 except ImportError:
     LineLog = LineLogPy  # type: ignore[misc, assignment]
 
 
 class AccessLog(LineLog):  # type: ignore[valid-type, misc]
-    lines: list[bytes]
-    pending: int
-    unsent_len: int
+    buf: bytearray
     dropped: int
 
     def __init__(self, target: str, loop: asyncio.AbstractEventLoop, max_pending: int) -> None:
         super().__init__(max_pending, BATCH_BYTES)
         self.loop = loop
         self.fd, self.pipe, self.sock = open_target(target)
-        self.unsent = b""  # the rest of a piece the last write did not take
         self.written = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -126,49 +114,32 @@ class AccessLog(LineLog):  # type: ignore[valid-type, misc]
 
     def flush(self) -> None:
         """Write what the target takes now; keep the rest for the next flush."""
-        if self.unsent and not self._send(self.unsent):
-            return
-        lines: list[bytes] = self.lines
-        if not lines:
-            return
-        self.lines = []
-        limit = PIPE_BUF if self.pipe else BATCH_BYTES
-        piece: list[bytes] = []
-        size = 0
-        for i, line in enumerate(lines):
-            if piece and size + len(line) > limit:
-                if not self._send(b"".join(piece)):
-                    self.lines = lines[i:] + self.lines
-                    return
-                piece, size = [], 0
-            piece.append(line)
-            size += len(line)
-        if piece:
-            self._send(b"".join(piece))
-
-    def _send(self, data: bytes) -> bool:
-        """True when all of `data` went out; else the rest is kept in `unsent`."""
-        try:
-            if self.sock is not None:
-                n = self.sock.send(data, socket.MSG_DONTWAIT)
+        buf = self.buf
+        for _ in range(1 + len(buf) // PIPE_BUF):  # bounded: each turn writes or stops
+            if not buf:
+                return
+            if self.pipe:  # whole lines, at most PIPE_BUF: never interleaved with another's
+                end = buf.rfind(b"\n", 0, PIPE_BUF) + 1 or buf.find(b"\n") + 1 or len(buf)
             else:
-                n = os.write(self.fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:  # the reader is gone (EPIPE) or the disk is full: drop it all
-            if exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.ECONNRESET):
-                self.dropped += len(self.lines) + (1 if data else 0)
-                self.lines = []
-                self.pending = 0
-                self.unsent = b""
-                self.unsent_len = 0
-                return False
-            raise
-        self.written += n
-        self.pending -= n
-        self.unsent = data[n:]
-        self.unsent_len = len(self.unsent)
-        return not self.unsent
+                end = min(len(buf), BATCH_BYTES)
+            try:
+                with memoryview(buf) as view:
+                    if self.sock is not None:
+                        n = self.sock.send(view[:end], socket.MSG_DONTWAIT)
+                    else:
+                        n = os.write(self.fd, view[:end])
+            except BlockingIOError:
+                return
+            except OSError as exc:  # the reader is gone (EPIPE) or the disk is full: drop it
+                if exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.ECONNRESET):
+                    self.dropped += buf.count(b"\n")
+                    del buf[:]
+                    return
+                raise
+            self.written += n
+            del buf[:n]
+            if n < end:
+                return
 
 
 _clock = {"second": -1, "stamp": ""}
@@ -189,8 +160,8 @@ def format_line_py(exchange: Any, duration: float, upstream: float) -> bytes:
     req = exchange.req
     route = exchange.route
     endpoint = exchange.picked
-    request_id = exchange.request_id or req.header(b"x-request-id")
-    agent = req.header(b"user-agent")
+    request_id = exchange.request_id or req.request_id
+    agent = req.user_agent
     header_at = exchange.header_at
     return orjson.dumps({
         "time": _time(),

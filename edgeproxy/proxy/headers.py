@@ -26,7 +26,9 @@ FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
 # Host: written from the request's authority (RFC 9112 3.2.2), so never hop-by-hop.
 REQUEST_DROP = HOP_BY_HOP | FORWARDED | {b"expect", b"content-length", b"host"}
 # Fields the client side reads as they arrive (the rest only pass through).
-SPECIAL_FIELDS = REQUEST_DROP | {b"x-request-id"}
+# Read by edgeproxy but forwarded as received: X-Request-ID (kept, or added), User-Agent (the
+# access log; kept here so the log does not scan the fields).
+SPECIAL_FIELDS = REQUEST_DROP | {b"x-request-id", b"user-agent"}
 PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 SERVER_LINE = b"Server: %s\r\n" % SERVER_NAME.encode()
 PLAIN_CONNECTION_TOKENS_OR_EMPTY = PLAIN_CONNECTION_TOKENS | {b""}

@@ -11,6 +11,7 @@ cimport cython
 
 cdef class RequestHead:
     cdef public bytes authority, method, origin, query, target
+    cdef public object request_id, user_agent
     cdef public object te, upgrade, xff, xf_proto, forwarded, x_real_ip, host_header, conn_tokens
     cdef public bint body_after_upgrade, chunked, expect_continue, has_request_id, http10
     cdef public bint keep_alive, websocket

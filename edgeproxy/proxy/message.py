@@ -55,7 +55,7 @@ class RequestHead:
 
     __slots__ = (
         "authority", "chunked", "conn_tokens", "content_length", "expect_continue",
-        "body_after_upgrade", "forwarded", "fwd", "has_request_id", "host_count", "host_header", "http10", "keep_alive",
+        "body_after_upgrade", "forwarded", "fwd", "has_request_id", "request_id", "user_agent", "host_count", "host_header", "http10", "keep_alive",
         "method", "origin", "path", "query", "size", "target", "te", "upgrade", "websocket", "xf_proto",
         "xff", "x_real_ip",
     )  # fmt: skip
@@ -82,6 +82,8 @@ class RequestHead:
         self.forwarded: list[bytes] | None = None  # a trusted proxy's Forwarded / X-Real-IP lines
         self.x_real_ip: bytes | None = None
         self.has_request_id = False
+        self.request_id: bytes | None = None  # the client's X-Request-ID (the first one)
+        self.user_agent: bytes | None = None
         self.http10 = False
         self.keep_alive = True
         self.authority = b""
@@ -117,8 +119,14 @@ class RequestHead:
         elif lname == b"x-forwarded-for":
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif lname == b"x-request-id":
+            if not self.has_request_id:
+                self.request_id = value
             self.has_request_id = True
             self.fwd.extend((b"X-Request-ID", b": ", value, b"\r\n"))  # four per field
+        elif lname == b"user-agent":
+            if self.user_agent is None:
+                self.user_agent = value
+            self.fwd.extend((b"User-Agent", b": ", value, b"\r\n"))  # forwarded, its value as received
         elif lname == b"x-forwarded-proto":
             self.xf_proto = value
         elif lname == b"forwarded" or lname == b"x-real-ip":

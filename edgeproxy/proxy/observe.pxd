@@ -3,16 +3,18 @@
 
 cimport cython
 
-@cython.locals(i=Py_ssize_t, last=Py_ssize_t, buckets=tuple)
+@cython.locals(i=Py_ssize_t, last=Py_ssize_t, buckets=tuple, bound=double)
 cpdef Py_ssize_t bucket_of(double seconds)
 
 
+@cython.final
 cdef class RouteFigures:
     cdef public list requests, duration, duration_sum, upstream, upstream_sum
     cdef public Py_ssize_t bytes_in, bytes_out
 
-    cpdef record(self, bytes method, Py_ssize_t status, double duration, double upstream,
-                 Py_ssize_t bytes_in, Py_ssize_t bytes_out)
+    @cython.locals(methods=dict, n_buckets=Py_ssize_t, klass=Py_ssize_t, index=Py_ssize_t)
+    cdef record(self, bytes method, Py_ssize_t status, double duration, double upstream,
+                Py_ssize_t bytes_in, Py_ssize_t bytes_out)
 
 
 cdef class ServiceFigures:
