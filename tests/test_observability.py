@@ -201,3 +201,25 @@ def test_bucket_of_agrees_with_bisect() -> None:
     values = [0.0, 1e-9, 60.0, 61.0, 1e9, *BUCKETS, *(random.uniform(0, 70) for _ in range(2000))]
     for seconds in values:
         assert bucket_of(seconds) == bisect_left(BUCKETS, seconds), seconds
+
+
+async def test_the_grafana_dashboard_queries_only_metrics_edgeproxy_exports(
+    pods: Pods, proxy_factory: Any
+) -> None:
+    import re
+
+    from tests.conftest import ROOT
+
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(site_with_api(port, port))
+    assert (await fetch(proxy.http, "GET", "/", host="site.example.com")).status == 200
+    text = (await fetch(proxy.admin, "GET", "/metrics")).body.decode()
+    # Families by name, with or without samples yet (a labelled counter before its first
+    # increment, the watch figures in manifest mode).
+    families = {f.name for f in text_string_to_metric_families(text)}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "edgeproxy-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 12
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", name)
+            for e in exprs for name in re.findall(r"\b(edgeproxy_[a-z_]+)", e)}  # fmt: skip
+    assert used and used <= families, used - families
