@@ -250,6 +250,29 @@ async def _value(value: Any) -> Any:
     return value
 
 
+async def test_routes_explains_against_the_api_server(api: FakeApiServer, pods: Pods,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    port = await pods.start("127.0.0.2")
+    await api.apply(*simple_site(port, "127.0.0.2"))
+    kubeconfig = tmp_path / "kubeconfig.yaml"
+    kubeconfig.write_text(api.kubeconfig())
+    argv = [sys.executable, "-m", "edgeproxy.cli", "routes", "--kubeconfig", str(kubeconfig),
+            "--explain", "http://any.example.com/x", "--json"]  # fmt: skip
+    # In a thread: the emulator answers on this loop meanwhile.
+    result = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                     cwd=ROOT, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["route"]["ingress"] == "default/site"
+    assert answer["route"]["endpoints"] == [f"127.0.0.2:{port}"]
+    assert "LIST Ingress" in api.requests and not any(r.startswith("WATCH") for r in api.requests)
+
+
 async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, kube_proxy: Any) -> None:  # fmt: skip
     """maxUnavailable=0: each new pod is added and ready before an old one starts terminating."""
     old = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]

@@ -106,6 +106,13 @@ async def test_consecutive_failures_are_counted_across_workers(pods: Pods, proxy
             assert (await client.request("GET", "/")).status == 200
     assert pods.hits("127.0.0.2") == hits
     assert proxy.log().count(f"127.0.0.2:{port} ejected") == 1  # decided once, for the pod
+    from tests.test_observability import scrape, value
+
+    metrics = await scrape(proxy.admin)
+    web = {"namespace": "default", "service": "web"}
+    assert value(metrics, "edgeproxy_endpoint_ejections_total", **web) == 1
+    assert value(metrics, "edgeproxy_endpoints_ejected", **web) == 1
+    assert value(metrics, "edgeproxy_endpoints_in_rotation", **web) == 1
     for client in [*by_worker.values(), *spare]:
         await client.close()
 
