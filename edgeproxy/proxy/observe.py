@@ -20,6 +20,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
 METHOD_INDEX = {m.encode(): i for i, m in enumerate(METHODS[:-1])}
 OTHER_METHOD = len(METHODS) - 1
 UNROUTED = ("", "", "")  # answered before a route was found (404, 400)
+# The sizes RouteFigures' arrays are declared with (observe.pxd, and literally below).
+assert len(METHODS) * N_CLASSES == 48 and N_CLASSES * N_BUCKETS == 102 and N_CLASSES == 6
 
 
 def bucket_of(seconds: float) -> int:
@@ -42,11 +44,12 @@ class RouteFigures:
                  "upstream_sum")  # fmt: skip
 
     def __init__(self) -> None:
-        self.requests = [0] * (len(METHODS) * N_CLASSES)  # [method * N_CLASSES + class]
-        self.duration = [0] * (N_CLASSES * N_BUCKETS)  # [class * N_BUCKETS + bucket], not cumulative
-        self.duration_sum = [0.0] * N_CLASSES
-        self.upstream = [0] * (N_CLASSES * N_BUCKETS)
-        self.upstream_sum = [0.0] * N_CLASSES
+        # Literal sizes: compiled, these are C arrays of these sizes (observe.pxd).
+        self.requests = [0] * 48  # [method * N_CLASSES + class]
+        self.duration = [0] * 102  # [class * N_BUCKETS + bucket], not cumulative
+        self.duration_sum = [0.0] * 6
+        self.upstream = [0] * 102
+        self.upstream_sum = [0.0] * 6
         self.bytes_in = 0
         self.bytes_out = 0
 
