@@ -76,10 +76,21 @@ class LineLogPy:
         raise NotImplementedError
 
 
-try:  # the C twins, when setup.py could compile them
-    from edgeproxy._accesslog import LineLog
-except ImportError:
-    LineLog = LineLogPy  # type: ignore[misc, assignment]
+def _line_log_class() -> type:
+    """The C twin when the hot path it reads is compiled too (it reads the exchange's C
+    fields: beside the pure-Python exchange its types would not match)."""
+    from edgeproxy.proxy import exchange
+
+    if str(exchange.__file__).endswith(".py"):
+        return LineLogPy
+    try:
+        from edgeproxy._accesslog import LineLog as compiled
+    except ImportError:
+        return LineLogPy
+    return compiled  # type: ignore[no-any-return]
+
+
+LineLog = _line_log_class()
 
 
 class AccessLog(LineLog):  # type: ignore[valid-type, misc]
