@@ -121,15 +121,16 @@ def privileged_free_port() -> int:
     raise AssertionError("no free port below 1024")
 
 
-def run_as_the_image_does(python: Path, port: int, admin: int) -> subprocess.Popen[bytes]:
+def run_as_the_image_does(python: Path, app: Path, port: int, admin: int) -> subprocess.Popen[bytes]:
     """uid 10001, only NET_BIND_SERVICE in the bounding set, the root filesystem read-only (a
-    private mount namespace), as the DaemonSet runs the image."""
+    private mount namespace), as the DaemonSet runs the image. `app`: a copy of the package
+    under test that uid 10001 can read."""
     site = sysconfig.get_paths()["purelib"]
     inner = (f"mount -o remount,bind,ro / && exec setpriv --reuid 10001 --regid 10001 "
              f"--clear-groups --bounding-set -all,+net_bind_service --inh-caps -all "
-             f"{python} -m edgeproxy.cli run --manifests {ROOT / 'config'} --workers 1 "
+             f"{python} -m edgeproxy.cli run --manifests {app / 'config'} --workers 1 "
              f"--http 127.0.0.1:{port} --admin 127.0.0.1:{admin} --shutdown-delay 0")  # fmt: skip
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{ROOT}{os.pathsep}{site}",
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{app}{os.pathsep}{site}",
            "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"}  # fmt: skip
     return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", inner],
                             env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -140,7 +141,15 @@ def test_runs_as_uid_10001_with_net_bind_service_only_on_a_read_only_root() -> N
     tmp = Path(tempfile.mkdtemp(prefix="edgeproxy-image-", dir="/tmp"))
     try:
         tmp.chmod(0o755)
-        for path in (ROOT, *ROOT.parents):  # uid 10001 must reach the checkout
+        # The package under test (compiled or not, as this run has it) where uid 10001 reads
+        # it: a checkout may sit in a private directory (CI's pure-Python pass does).
+        app = tmp / "app"
+        ignore = shutil.ignore_patterns("__pycache__", "*.c")
+        shutil.copytree(ROOT / "edgeproxy", app / "edgeproxy", ignore=ignore)
+        shutil.copytree(ROOT / "config", app / "config")
+        subprocess.run(["chmod", "-R", "a+rX", str(app)], check=True)
+        site = Path(sysconfig.get_paths()["purelib"])
+        for path in (site, *site.parents):  # the dependencies, from this environment
             if not os.stat(path).st_mode & 0o005:
                 pytest.fail(f"{path} is not readable by other users")
         real = Path(os.path.realpath(sys.executable))
@@ -152,10 +161,10 @@ def test_runs_as_uid_10001_with_net_bind_service_only_on_a_read_only_root() -> N
         subprocess.run([tool("setcap"), "cap_net_bind_service=+ep", str(capable)], check=True)
         port, admin = privileged_free_port(), free_port()
         # Without the file capability the port is refused: the setup is what grants it.
-        refused = run_as_the_image_does(plain, port, admin)
+        refused = run_as_the_image_does(plain, app, port, admin)
         out = refused.communicate(timeout=60)[0].decode()
         assert refused.returncode == 2 and "Permission denied" in out, out
-        proc = run_as_the_image_does(capable, port, admin)
+        proc = run_as_the_image_does(capable, app, port, admin)
         try:
             deadline = time.monotonic() + 30
             status = 0
