@@ -178,6 +178,13 @@ async def test_the_convergence_histogram_counts_each_endpoint_slice_change(
     async def converged() -> float:
         return value(await scrape(proxy.admin), "edgeproxy_convergence_seconds_count")
 
+    async def settled() -> bool:
+        # Every store change so far observed (the first table's included: those are counted
+        # once both workers run it, which can come after /readyz turned 200).
+        generation = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)["generation"]
+        return await converged() == generation
+
+    await eventually(settled, timeout=10, what="the first changes in the histogram")
     before = await converged()
     for i, pod in enumerate(["127.0.0.3", "127.0.0.2", "127.0.0.3"], start=1):
         await api.apply(k8s.endpoint_slice("web", k8s.ready(pod), port))
