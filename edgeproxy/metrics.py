@@ -53,13 +53,20 @@ class WorkerTotals:
         self.upstream_connections = 0
 
     def copy(self) -> WorkerTotals:
+        """The counters (not the gauges), to add the live workers' to."""
         other = WorkerTotals()
-        other.add(self, gauges=False)
+        other.retire({"status": self.status, "routes": self.routes, "services": self.services,
+                      "retries": self.retries, "connects": self.connects,
+                      "access_log_dropped": self.access_log_dropped})  # fmt: skip
         return other
 
-    def add(self, stats: Any, gauges: bool = True) -> None:
-        """Add one worker's stats (a dict from worker.stats) or another WorkerTotals."""
-        get = stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d)
+    def retire(self, stats: dict[str, Any]) -> None:
+        """A worker exited: its last counters stay in the sums (its gauges go with it)."""
+        self.add(stats, gauges=False)
+
+    def add(self, stats: dict[str, Any], gauges: bool = True) -> None:
+        """Add one worker's stats (the dict worker.Worker.stats returns)."""
+        get = stats.get
         for code, n in (get("status") or {}).items():
             self.status[code] = self.status.get(code, 0) + n
         for labels, snap in (get("routes") or {}).items():

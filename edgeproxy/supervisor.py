@@ -318,7 +318,7 @@ class Supervisor:
         for future in worker.waiting.values():
             if not future.done():
                 future.set_result({})
-        self.retired.add(worker.counters, gauges=False)
+        self.retired.retire(worker.counters)
         self.loop.create_task(self._reap(worker))
 
     async def _reap(self, worker: WorkerProcess) -> None:
