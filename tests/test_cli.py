@@ -118,6 +118,34 @@ async def test_a_manifest_file_that_stops_parsing_keeps_its_last_good_objects(
     assert (await fetch(proxy.http, "GET", "/", host="other.example.com")).status == 200
 
 
+def test_a_file_being_rewritten_in_place_is_read_once_it_is_still(tmp_path: Path) -> None:
+    """`cat > file` truncates, then writes: a poll in between must not serve half a stream
+    (here the first of two documents, which parses on its own)."""
+    from edgeproxy.objects import ObjectStore
+    from edgeproxy.sources.manifests import ManifestSource
+
+    path = tmp_path / "site.yaml"
+    full = "\n---\n".join(json.dumps(o) for o in (k8s.service("web"), k8s.service("api")))
+    path.write_text(full)
+    store = ObjectStore()
+    source = ManifestSource([tmp_path], store, 0.1)
+    source.load()  # the start reads at once
+    assert store.count("Service") == 2
+    with path.open("w") as half:
+        half.write(full.split("---")[0])
+        half.flush()
+        source.load(settle_s=3600)  # the file was modified just now: not read yet
+        assert store.count("Service") == 2 and source.changed_on_disk()
+        source.load(settle_s=0)  # once still, it is read
+        assert store.count("Service") == 1
+    new = tmp_path / "new.yaml"
+    new.write_text(json.dumps(k8s.service("db")))
+    source.load(settle_s=3600)  # a new file waits too
+    assert store.count("Service") == 1 and source.changed_on_disk()
+    source.load(settle_s=0)
+    assert store.count("Service") == 2 and not source.changed_on_disk()
+
+
 EXPLAINED_SITE = [
     k8s.ingress_class(),
     k8s.ingress("exact", [("shop.example.com", [k8s.path("/cart", "cart", "Exact")])]),

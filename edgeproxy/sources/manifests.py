@@ -5,12 +5,15 @@ inotify, so it works the same on every filesystem, including ConfigMap volumes w
 are swapped through symlinks. Only changed files are parsed again. A file that no longer
 parses keeps its last good objects serving; its error is logged once, shown in /debug/routes
 and explain, and counted in edgeproxy_manifest_files_unreadable until the file is mended.
+A file rewritten in place (truncated, then written) can be read half-written, and half a YAML
+stream may still parse; so a reload waits until a changed file has been still for SETTLE_S.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's safe loader (in PyYAML's wheels) parses about 7x faster than the pure-Python one,
 # which dominated the start at 50,000 Ingresses; the same safe tag set either way.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# How long a changed file must go unmodified before a reload reads it (the start reads at once).
+SETTLE_S = 0.1
 
 
 def manifest_files(paths: list[Path]) -> list[Path]:
@@ -100,15 +105,26 @@ class ManifestSource:
             stamps[path] = (st.st_mtime_ns, st.st_size)
         return stamps
 
-    def load(self) -> None:
-        """Read the files that changed and replace this source's objects in the store."""
+    def load(self, settle_s: float = 0.0) -> None:
+        """Read the files that changed and replace this source's objects in the store.
+
+        A changed file modified less than `settle_s` ago keeps its last objects and its old
+        stamp, so the next poll reads it once its writer is done.
+        """
         stamps = self._stamp()
+        young = time.time_ns() - int(settle_s * 1e9)
         for path in list(self._objects):
             if path not in stamps:  # removed: its objects go
                 del self._objects[path]
                 self.errors.pop(path, None)
-        for path, stamp in stamps.items():
+        for path, stamp in list(stamps.items()):
             if self._seen.get(path) == stamp and path in self._objects:
+                continue
+            if stamp[0] > young:  # maybe still being written: the next poll reads it
+                if path in self._seen:
+                    stamps[path] = self._seen[path]
+                else:
+                    del stamps[path]
                 continue
             try:
                 self._objects[path] = parse_file(path)
@@ -133,6 +149,6 @@ class ManifestSource:
             try:
                 if self.changed_on_disk():
                     log.info("manifests changed on disk; reloading")
-                    self.load()
+                    self.load(SETTLE_S)
             except Exception:  # a bad reload must not stop the watcher
                 log.exception("reloading manifests failed; the last good table keeps serving")
