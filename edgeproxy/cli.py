@@ -157,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes of request line and fields (431 beyond)")
         p.add_argument("--max-body-size", type=size, default=Settings.max_body_bytes,
                        help="413 beyond this many request body bytes; 0 = unlimited")
+        p.add_argument("--max-request-line", type=size, default=Settings.max_request_line,
+                       help="bytes of a request target (414 beyond)")
+        p.add_argument("--max-header-line", type=size, default=Settings.max_header_line,
+                       help="bytes of one header field line (431 beyond)")
+        p.add_argument("--max-header-count", type=int, default=Settings.max_header_count,
+                       help="header fields in a request (431 beyond)")
+        p.add_argument("--client-body-timeout", type=seconds,
+                       default=Settings.client_body_timeout,
+                       help="seconds a request body may stay silent (then 408)")
+        p.add_argument("--max-requests-per-connection", type=int,
+                       default=Settings.max_requests_per_connection,
+                       help="requests on one client connection; the last gets Connection: close")
+        p.add_argument("--max-connections", type=int, default=Settings.max_connections,
+                       help="client connections per worker; at the limit accepting pauses")
+        p.add_argument("--max-pipelined", type=int, default=Settings.max_pipelined,
+                       help="parsed events of pipelined requests held; beyond, reading pauses")
+        p.add_argument("--max-upstream-header-size", type=size,
+                       default=Settings.max_upstream_header_bytes,
+                       help="bytes of an upstream response head (502 beyond)")
         p.add_argument("--reload-interval", type=seconds, default=Settings.reload_interval,
                        help="seconds between checks of the manifest files for changes")
         p.add_argument("--trusted-proxies", type=cidr_list, default=(), metavar="CIDR,...",
@@ -225,6 +244,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         upstream_idle_timeout=args.upstream_idle_timeout,
         max_header_bytes=args.max_header_size,
         max_body_bytes=args.max_body_size,
+        max_request_line=args.max_request_line,
+        max_header_line=args.max_header_line,
+        max_header_count=args.max_header_count,
+        client_body_timeout=args.client_body_timeout,
+        max_requests_per_connection=args.max_requests_per_connection,
+        max_connections=args.max_connections,
+        max_pipelined=args.max_pipelined,
+        max_upstream_header_bytes=args.max_upstream_header_size,
         reload_interval=args.reload_interval,
         trusted_proxies=args.trusted_proxies,
         default_balancer=args.default_balancer,

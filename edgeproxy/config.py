@@ -39,6 +39,24 @@ class Settings:
     upstream_max_idle_per_endpoint: int = 64
     # nginx large_client_header_buffers is 4 x 8k; 32 KiB of header section -> 431 beyond.
     max_header_bytes: int = 32 * 1024
+    # One line must fit one of nginx's 8k buffers: a longer request line is 414, a longer
+    # field line 431. Envoy and HAProxy count fields: 100 (max_headers_count, tune.http.maxhdr 101).
+    max_request_line: int = 8 * 1024
+    max_header_line: int = 8 * 1024
+    max_header_count: int = 100
+    # A request body silent this long is 408 (nginx client_body_timeout).
+    client_body_timeout: float = 60.0
+    # Requests on one client connection; the last one's response carries Connection: close
+    # (nginx keepalive_requests 1000).
+    max_requests_per_connection: int = 1000
+    # Client connections per worker; at the limit the worker stops accepting until it is under
+    # 90% of it (nginx worker_connections, HAProxy maxconn). Others wait in the accept queue.
+    max_connections: int = 16384
+    # Parsed events of pipelined requests (a head, a body piece, an end) held while one is in
+    # flight; beyond, reading pauses.
+    max_pipelined: int = 64
+    # An upstream response head larger than this is 502 (Envoy 60 KiB; nginx proxy_buffer_size 4k/8k).
+    max_upstream_header_bytes: int = 64 * 1024
     # nginx client_max_body_size defaults to 1m, which surprises users; 0 = unlimited.
     max_body_bytes: int = 100 * 1024 * 1024
     # Manifest files are re-read when their mtime changes; checked this often.

@@ -46,6 +46,7 @@ class Worker:
         self.certificates = SniCertificates()
         self.generation = -1
         self.servers: list[Any] = []
+        self.accepting: list[tuple[socket.socket, Any, Any]] = []  # socket, factory, TLS context
         self.serving = False
         self.done = asyncio.Event()
         self.stopping = False
@@ -168,14 +169,39 @@ class Worker:
             context = self.certificates.server_context() if scheme == "https" else None
             factory = _connections(ClientConnection, dp, scheme.encode(), str(port).encode())
             for fd in fds:
-                self.servers.append(await self.loop.create_server(
-                    protocol_factory(factory), sock=socket.socket(fileno=fd), ssl=context,
-                    backlog=4096,
-                ))  # fmt: skip
+                self.accepting.append((socket.socket(fileno=fd), protocol_factory(factory), context))
+        await self._accept()
+        dp.accept_hook = self._accept_paused
         self.serving = True
         from edgeproxy.proxy import compiled
 
         self._send(("serving", compiled()))
+
+    async def _accept(self) -> None:
+        """Serve the listening sockets. The servers get duplicates, so that pausing (closing
+        them) leaves the sockets, and their accept queues, open."""
+        for sock, factory, context in self.accepting:
+            self.servers.append(await self.loop.create_server(
+                factory, sock=sock.dup(), ssl=context, backlog=4096))  # fmt: skip
+        if self.dp.accept_paused or self.stopping:  # paused again while these were made
+            for server in self.servers:
+                server.close()
+            self.servers = []
+
+    def _accept_paused(self, paused: bool) -> None:
+        """--max-connections reached (or, `paused` false, left): new connections wait in the
+        kernel's accept queue meanwhile (or go to the other workers' sockets)."""
+        if self.stopping:
+            return
+        if paused:
+            log.warning("worker %d holds %d client connections (--max-connections): not "
+                        "accepting until it holds fewer", self.slot, len(self.dp.connections))  # fmt: skip
+            for server in self.servers:
+                server.close()
+            self.servers = []
+        else:
+            log.info("worker %d accepts again", self.slot)
+            self.loop.create_task(self._accept())
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, finish what is in flight (bounded), exit."""

@@ -11,6 +11,12 @@ cdef class Dataplane:
     cdef public double now, tick, _last_pool_sweep, connect_timeout, read_timeout, panic_percent
     cdef public double client_header_timeout, keepalive_timeout
     cdef public Py_ssize_t max_header_bytes, max_body_bytes
+    cdef public Py_ssize_t max_request_line, max_header_line, max_header_count
+    cdef public Py_ssize_t max_requests_per_connection, max_connections, max_pipelined
+    cdef public Py_ssize_t max_upstream_header_bytes
+    cdef public double client_body_timeout
+    cdef public bint accept_paused
+    cdef public object accept_hook
     cdef public set connections
     cdef public list status_counts
     cdef public Py_ssize_t retries, rid_counter

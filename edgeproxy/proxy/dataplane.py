@@ -49,7 +49,8 @@ class Dataplane:
         self.key_refs: dict[EndpointKey, int] = {}  # endpoint -> bindings that list it
         self.route_memo: dict[str, dict[str, Route | None]] = {}
         self.registry = EndpointRegistry(loop.time, settings.outlier)
-        self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint)
+        self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint,
+                                 settings.max_upstream_header_bytes)  # fmt: skip
         self.connections: set[Any] = set()  # client connections, for the deadline sweep
         self.date = DateHeader()
         # Responses by status code: a list, indexed by the code (llhttp allows 3 digits), because
@@ -78,9 +79,20 @@ class Dataplane:
         self.keepalive_timeout = settings.keepalive_timeout
         self.max_header_bytes = settings.max_header_bytes
         self.max_body_bytes = settings.max_body_bytes
+        self.max_request_line = settings.max_request_line
+        self.max_header_line = settings.max_header_line
+        self.max_header_count = settings.max_header_count
+        self.client_body_timeout = settings.client_body_timeout
+        self.max_requests_per_connection = settings.max_requests_per_connection
+        self.max_connections = settings.max_connections
+        self.max_pipelined = settings.max_pipelined
+        self.max_upstream_header_bytes = settings.max_upstream_header_bytes
+        # Accepting pauses at max_connections (the worker's hook) and resumes under 90% of it.
+        self.accept_paused = False
+        self.accept_hook: Any = None  # callable(pause: bool), set by the worker
         shortest = min(
             settings.connect_timeout, settings.read_timeout, settings.client_header_timeout,
-            settings.keepalive_timeout,
+            settings.keepalive_timeout, settings.client_body_timeout,
         )  # fmt: skip
         self.tick = min(MAX_TICK, max(0.05, shortest / 4))
         self._sweeper: asyncio.TimerHandle | None = None
@@ -238,11 +250,15 @@ class Dataplane:
         now = self.now = self.loop.time()
         self.date.at(time.time())
         # A connection's deadline is its exchange's while one is in progress (connect, read),
-        # else its own (header, keep-alive idle); 0 is none.
+        # and its own for a request body still arriving; else its own (header, keep-alive
+        # idle); 0 is none.
         due = []
         for conn in self.connections:
             exchange = conn.exchange
-            deadline = exchange.deadline if exchange is not None else conn.deadline
+            deadline = conn.deadline
+            if exchange is not None:
+                if exchange.req_done or not deadline or (exchange.deadline and exchange.deadline < deadline):
+                    deadline = exchange.deadline
             if deadline and deadline <= now:
                 due.append(conn)
         for conn in due:

@@ -38,6 +38,7 @@ cdef class UpstreamConnection:
     cdef public bytes raw
     cdef public list wbuf
     cdef public bint in_head, received, reusable, closed, reused, tunnel, skip_body, done
+    cdef public Py_ssize_t max_head
     cdef public double idle_since
 
     cpdef begin(self, ResponseReceiver receiver, bint skip_body)

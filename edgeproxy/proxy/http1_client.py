@@ -27,7 +27,7 @@ from edgeproxy.hosts import EndpointState
 from edgeproxy.proxy.flow import FlowControl
 from edgeproxy.proxy.headers import scan_response_head
 
-MAX_RESPONSE_HEAD = 64 * 1024  # nginx proxy_buffer_size is 4-8k; be generous, but bounded
+MAX_RESPONSE_HEAD = 64 * 1024  # the default of --max-upstream-header-size
 
 
 class ResponseHead:
@@ -85,13 +85,15 @@ class UpstreamConnection:
     """asyncio protocol of one connection to an endpoint (compiled: an extension type)."""
 
     __slots__ = (
-        "closed", "done", "endpoint", "flow", "idle_list", "idle_since", "in_head", "parser",
+        "closed", "done", "endpoint", "flow", "idle_list", "idle_since", "in_head", "max_head", "parser",
         "raw", "receiver", "received", "reusable", "reused", "skip_body",
         "switching", "transport", "tunnel", "wbuf",
     )  # fmt: skip
 
-    def __init__(self, endpoint: EndpointState, idle_list: list[Any]) -> None:
+    def __init__(self, endpoint: EndpointState, idle_list: list[Any],
+                 max_head: int = MAX_RESPONSE_HEAD) -> None:  # fmt: skip
         self.endpoint = endpoint
+        self.max_head = max_head
         # The pool's list for (endpoint, transport profile): where this connection may idle.
         self.idle_list = idle_list
         self.transport: asyncio.Transport | None = None
@@ -136,7 +138,9 @@ class UpstreamConnection:
         self.received = True
         if self.in_head:
             raw = self.raw = self.raw + data if self.raw else data
-            if len(raw) > MAX_RESPONSE_HEAD and raw.find(b"\r\n\r\n") < 0:
+            # The head must end within the limit, however it arrived (in one read or many).
+            limit = self.max_head
+            if len(raw) > limit and raw.find(b"\r\n\r\n", 0, limit + 4) < 0:
                 self._broken("response head too large")
                 return
         try:

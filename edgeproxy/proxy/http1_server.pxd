@@ -8,6 +8,9 @@ from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
+cpdef Py_ssize_t request_line_end(bytes window, bint mid, Py_ssize_t start, bytes method)
+
+
 cdef class ClientConnection(Downstream):
     cdef public Dataplane dp
     cdef public bytes scheme, port
@@ -18,6 +21,10 @@ cdef class ClientConnection(Downstream):
     cdef public RequestHead parsing
     cdef public bint parsing_queued, replaying, in_head, eof, write_paused
     cdef public bint feeding, continuation
+    cdef public bytes piece
+    cdef public object carry
+    cdef public bint fresh_piece, boundary, line_mid
+    cdef public Py_ssize_t line_end, header_count, requests
     cdef public Py_ssize_t head_fed, body_received, lingering
 
     cdef _consume(self, bytes data)

@@ -17,6 +17,10 @@ States of the connection, and what moves it on:
   response; the connection closes once the responses are written.
 - Upgrade: only WebSocket is tunnelled (message.RequestHead.websocket); llhttp stops at any
   upgrade request, so for the others parsing goes on with a fresh parser.
+- The request line's protocol: llhttp also accepts RTSP/1.0 and ICE/1.0 and reports only the
+  version numbers, so the codec reads the protocol token itself (request_line_end). A request
+  that begins a read (every first or sequential keep-alive request) has its line at the start
+  of the read; a pipelined one is searched for after the line of the request before it.
 """
 
 from __future__ import annotations
@@ -37,16 +41,36 @@ from edgeproxy.proxy.message import ClientProtocolError, ConnectionInfo, Request
 
 HEAD_EVENT, BODY_EVENT, END_EVENT, ERROR_EVENT = range(4)
 MAX_UPGRADE_REST = 64 * 1024  # bytes sent after an upgrade request before the 101 arrives
-# A read is parsed in slices of this size, and parsing stops while MAX_QUEUED events of
+# A read is parsed in slices of this size, and parsing stops while --max-pipelined events of
 # pipelined requests wait: a client that pipelines without reading holds at most this much
 # parsed state (the rest stays bytes, and reading is paused).
 FEED_SLICE = 16 * 1024
-MAX_QUEUED = 64
 # After an error answer: read and drop what the client still sends, for at most this long and
 # this much, so that its RST does not destroy the answer (nginx's lingering close).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 8 * 1024 * 1024
 NO_REQUEST = RequestHead()  # what `parsing` holds before the first request
+
+
+def request_line_end(window: bytes, mid: bool, start: int, method: bytes) -> int:
+    """The end of the request line of the message being parsed, or -1 when its protocol is not
+    HTTP (llhttp checked the rest of its grammar). Not `mid`: the line is the first of
+    `window` (after empty lines, RFC 9112 2.2); `mid`: the first line from `start` on that
+    begins with the method."""
+    if not mid:
+        at = 0
+        while at < len(window) and window[at] in (13, 10):  # CR, LF
+            at += 1
+    else:
+        at = window.find(b"\n" + method + b" ", start - 1 if start else 0) + 1
+        if at == 0 and start == 0 and window.startswith(method + b" "):
+            at = 0
+        elif at == 0:
+            return -1
+    eol = window.find(b"\n", at)
+    if eol - at < 14 or window[eol - 9:eol - 4] != b"HTTP/":
+        return -1
+    return eol + 1
 
 
 class ClientConnection(Downstream):
@@ -56,6 +80,8 @@ class ClientConnection(Downstream):
     __slots__ = (
         "body_received", "closed", "deadline", "dp", "eof", "exchange", "flow", "info", "wbuf",
         "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "port",
+        "piece", "carry", "fresh_piece", "boundary", "line_mid", "line_end", "header_count",
+        "requests",
         "queued", "replaying", "scheme", "transport", "tunnel", "upgrade_rest",
         "write_paused",
     )  # fmt: skip
@@ -87,6 +113,15 @@ class ClientConnection(Downstream):
         self.feeding = False
         self.continuation = False  # parsing the body of an upgrade request we do not upgrade
         self.lingering = -1  # bytes still accepted after an error answer; -1: not lingering
+        # Where the request line of the message being parsed is (see request_line_end).
+        self.piece = b""  # the bytes being fed
+        self.carry: bytearray | None = None  # earlier reads of a head that spans reads
+        self.boundary = True  # the parser is between messages
+        self.fresh_piece = True  # no message began yet in this piece, which began at a boundary
+        self.line_mid = False  # the message began inside a piece, after other bytes
+        self.line_end = 0  # in piece (or carry + piece): the end of the last request line found
+        self.header_count = 0  # fields of the head being parsed
+        self.requests = 0  # requests started on this connection
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -107,8 +142,13 @@ class ClientConnection(Downstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.dp.connections.add(self)
-        self.deadline = self.dp.now + self.dp.keepalive_timeout
+        dp = self.dp
+        dp.connections.add(self)
+        self.deadline = dp.now + dp.keepalive_timeout
+        if len(dp.connections) >= dp.max_connections and not dp.accept_paused:
+            dp.accept_paused = True
+            if dp.accept_hook is not None:
+                dp.accept_hook(True)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering >= 0:
@@ -146,7 +186,7 @@ class ClientConnection(Downstream):
         try:
             while data and not self.closed:
                 queued = self.queued
-                if queued is not None and len(queued) >= MAX_QUEUED:
+                if queued is not None and len(queued) >= self.dp.max_pipelined:
                     self.backlog = data
                     self.flow.pause(flow.PIPELINED)
                     return
@@ -169,8 +209,20 @@ class ClientConnection(Downstream):
     def _feed(self, data: bytes) -> None:
         parser = self.parser
         for _ in range(64):  # each turn starts after an upgrade request; bounded by the read
+            if not self.in_head:
+                self.carry = None
+                self.line_end = 0
+            self.piece = data
+            self.fresh_piece = self.boundary
             try:
                 parser.feed_data(data)
+                if self.in_head:  # the head goes on in the next read: keep it, from its line on
+                    carry = self.carry
+                    if carry is None:
+                        self.carry = bytearray(data[self.line_end:])
+                        self.line_end = 0
+                    else:
+                        carry += data  # bounded: the 431 check counts these bytes
                 return
             except HttpParserUpgrade as upgrade:
                 rest = data[upgrade.args[0]:]
@@ -180,6 +232,7 @@ class ClientConnection(Downstream):
                     return
                 # Any other upgrade token is not ours to honour: parse on, as plain HTTP.
                 parser = self.parser = HttpRequestParser(self)
+                self.boundary = True
                 head = self.parsing
                 if head.body_after_upgrade:
                     # llhttp left this request's body unparsed: a framing-only head lets the
@@ -233,7 +286,12 @@ class ClientConnection(Downstream):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.dp.connections.discard(self)
+        dp = self.dp
+        dp.connections.discard(self)
+        if dp.accept_paused and len(dp.connections) * 10 < dp.max_connections * 9:
+            dp.accept_paused = False
+            if dp.accept_hook is not None:
+                dp.accept_hook(False)
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -266,6 +324,10 @@ class ClientConnection(Downstream):
         self.parsing_queued = self.exchange is not None or self.queued is not None
         self.in_head = True
         self.head_fed = 0
+        self.boundary = False
+        self.line_mid = not self.fresh_piece
+        self.fresh_piece = False
+        self.header_count = 0
 
     def on_url(self, url: bytes) -> None:
         if self.continuation:
@@ -273,9 +335,17 @@ class ClientConnection(Downstream):
         head = self.parsing
         head.target += url
         head.size += len(url)
+        if len(head.target) > self.dp.max_request_line:
+            raise ClientProtocolError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.continuation:
+            dp = self.dp
+            self.header_count += 1
+            if self.header_count > dp.max_header_count:
+                raise ClientProtocolError(431, "too many header fields")
+            if len(name) + len(value) > dp.max_header_line:
+                raise ClientProtocolError(431, "header field line too long")
             self.parsing.add_field(name, value)
 
     def on_headers_complete(self) -> None:
@@ -288,6 +358,11 @@ class ClientConnection(Downstream):
             raise ClientProtocolError(431, "header section too large")
         parser = self.parser
         head.method = parser.get_method()
+        window = self.piece if self.carry is None else bytes(self.carry) + self.piece
+        end = request_line_end(window, self.line_mid, self.line_end, head.method)
+        if end < 0:
+            raise ClientProtocolError(400, "not an HTTP/1 request line (RFC 9112 2.3, 3)")
+        self.line_end = end
         if head.method == b"CONNECT":
             raise ClientProtocolError(405, "CONNECT is not proxied (edgeproxy is no open proxy)")
         keep_alive = parser.should_keep_alive()
@@ -307,9 +382,11 @@ class ClientConnection(Downstream):
         exchange = self.exchange
         if exchange is not None:
             self._check_body(exchange, len(body))
+            self.deadline = self.dp.now + self.dp.client_body_timeout
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        self.boundary = True
         if self.continuation:
             self.continuation = False
         elif self.parsing.body_after_upgrade:
@@ -331,7 +408,12 @@ class ClientConnection(Downstream):
 
     def _start(self, head: RequestHead) -> None:
         self.body_received = 0
-        exchange = self.exchange = Exchange(self, self.dp, head)
+        dp = self.dp
+        self.requests += 1
+        if self.requests >= dp.max_requests_per_connection:
+            head.keep_alive = False  # its response says Connection: close (nginx keepalive_requests)
+        self.deadline = dp.now + dp.client_body_timeout  # for its body, if one follows
+        exchange = self.exchange = Exchange(self, dp, head)
         exchange.start()
 
     def _queue(self, kind: int, payload: Any) -> None:
@@ -349,6 +431,7 @@ class ClientConnection(Downstream):
             self.parsing_queued = True
             self.in_head = False
             self.parser = HttpRequestParser(self)  # nothing more is read from this one
+            self.boundary = True
             self.flow.pause(flow.PIPELINED)
             self.eof = True
         else:
@@ -508,8 +591,16 @@ class ClientConnection(Downstream):
             self._really_close()
             return
         exchange = self.exchange
+        dp = self.dp
         if exchange is not None:
-            exchange.deadline_passed()
+            if not exchange.req_done and self.deadline and self.deadline <= dp.now:
+                if self.flow.reasons:  # edgeproxy paused reading: the client is not to blame
+                    self.deadline = dp.now + dp.client_body_timeout
+                else:
+                    self._fail(408)  # the request body stopped arriving
+                    return
+            if exchange.deadline and exchange.deadline <= dp.now:
+                exchange.deadline_passed()
         elif self.in_head:
             self._fail(408)
         else:

@@ -200,13 +200,17 @@ class RequestHead:
                 parsed = parse_url(target)
             except HttpParserError:
                 raise ClientProtocolError(400, "invalid request target") from None
-            if not parsed.host or not parsed.schema:
+            if not parsed.host or (parsed.schema or b"").lower() not in (b"http", b"https"):
                 raise ClientProtocolError(400, "request target is not origin-form or absolute-form")
+            if parsed.userinfo or parsed.fragment is not None:
+                raise ClientProtocolError(400, "userinfo or a fragment in the target (RFC 9110 4.2.4)")
             # absolute-form: the target's authority wins and replaces Host (RFC 9112 3.2.2).
             authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
             target = parsed.path or b"/"
             if parsed.query:
                 target += b"?" + parsed.query
+        elif b"#" in target:
+            raise ClientProtocolError(400, "a fragment in the target (RFC 9112 3.2.1)")
         self.authority = authority  # checked against VALID_HOST by the exchange (memoized)
         raw_path, mark, query = target.partition(b"?")
         self.query = mark + query

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import cast
 
 from edgeproxy.hosts import EndpointKey, EndpointState
-from edgeproxy.proxy.http1_client import UpstreamConnection
+from edgeproxy.proxy.http1_client import MAX_RESPONSE_HEAD, UpstreamConnection
 from edgeproxy.routing import TransportProfile
 
 PoolKey = tuple[EndpointKey, TransportProfile]
@@ -33,9 +33,11 @@ def take_idle(idle: list[UpstreamConnection] | None) -> UpstreamConnection | Non
 
 
 class UpstreamPool:
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_idle: int,
+                 max_head: int = MAX_RESPONSE_HEAD) -> None:  # fmt: skip
         self.loop = loop
         self.max_idle = max_idle
+        self.max_head = max_head  # bytes of a response head (502 beyond)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.connects = 0
 
@@ -71,7 +73,7 @@ class UpstreamPool:
         if profile.tls:
             server_name = profile.server_name or endpoint.address
         _, protocol = await self.loop.create_connection(
-            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, idle)),
+            lambda: cast(asyncio.BaseProtocol, UpstreamConnection(endpoint, idle, self.max_head)),
             endpoint.address, endpoint.port, ssl=context if profile.tls else None,
             server_hostname=server_name,
         )  # fmt: skip
