@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a request body may stay silent (then 408)")
         p.add_argument("--max-requests-per-connection", type=int,
                        default=Settings.max_requests_per_connection,
-                       help="requests on one client connection; the last gets Connection: close")
+                       help="requests on one client connection; the last gets Connection: close; "
+                            "0 = unlimited")
         p.add_argument("--max-connections", type=int, default=Settings.max_connections,
                        help="client connections per worker; at the limit accepting pauses")
         p.add_argument("--max-pipelined", type=int, default=Settings.max_pipelined,

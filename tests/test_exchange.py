@@ -200,7 +200,8 @@ async def test_header_line_without_end_is_431_before_it_ends(pods: Pods, proxy_f
 
 
 async def test_pipelined_local_answers_to_a_client_that_does_not_read_stay_bounded(proxy_factory: Any) -> None:  # fmt: skip
-    proxy = await proxy_factory(simple_site(free_port(), "127.0.0.9"))
+    # Without a cap on requests per connection (which would end this one after 1000).
+    proxy = await proxy_factory(simple_site(free_port(), "127.0.0.9"), "--max-requests-per-connection", "0")
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     before = proxy.rss_kib("VmRSS")

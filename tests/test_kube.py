@@ -306,6 +306,9 @@ async def test_rolling_update_under_load_fails_no_request(api: FakeApiServer, ku
                 failures.append(str(resp.status))
             else:
                 answered.append(json.loads(resp.body)["pod"])
+            if (resp.header("connection") or "").lower() == "close":  # as any client does
+                await client.close()
+                client = await Client.connect(proxy.http)
         await client.close()
 
     clients = [asyncio.create_task(client_loop(m)) for m in ("GET", "POST", "GET", "POST")]

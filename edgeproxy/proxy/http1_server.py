@@ -410,7 +410,8 @@ class ClientConnection(Downstream):
         self.body_received = 0
         dp = self.dp
         self.requests += 1
-        if self.requests >= dp.max_requests_per_connection:
+        limit = dp.max_requests_per_connection
+        if limit and self.requests >= limit:
             head.keep_alive = False  # its response says Connection: close (nginx keepalive_requests)
         self.deadline = dp.now + dp.client_body_timeout  # for its body, if one follows
         exchange = self.exchange = Exchange(self, dp, head)
