@@ -290,8 +290,17 @@ def _age_key(item: tuple[Any, K8sObject]) -> tuple[str, str, str]:
     return (str(_meta(obj).get("creationTimestamp") or ""), ns, name)
 
 
+# An Exact or Prefix path is a literal absolute path (RFC 3986 3.3): pchars and "/", with
+# percent escapes. Never regex syntax (ingress-nginx's strict path validation refuses it too;
+# a path meant as a regex would otherwise match only itself), no control characters or
+# spaces, no empty or dot segments (requests are normalized, so those would never match).
+LITERAL_PATH_RE = re.compile(r"^(/(?:[A-Za-z0-9\-._~!&',;=:@]|%[0-9A-Fa-f]{2})*)+$|^/$")
+DOT_SEGMENT_RE = re.compile(r"//|/\.\.?(?:/|$)")
+
+
 def _valid_path(path: Any) -> bool:
-    return isinstance(path, str) and path.startswith("/") and " " not in path
+    return (isinstance(path, str) and len(path) <= 4096 and LITERAL_PATH_RE.match(path) is not None
+            and DOT_SEGMENT_RE.search(path) is None)  # fmt: skip
 
 
 def compile_routes(

@@ -141,6 +141,28 @@ def test_invalid_objects_are_skipped_and_the_rest_serves() -> None:
     assert all("default/bad" in d for d in result.diagnostics)
 
 
+@pytest.mark.parametrize("path", ["/a b", "/a\x00b", "/a\r\nX-Injected: 1", "/api/(.*)", "/a.*",
+                                  "/v[0-9]+", "/a?b", "/a#b", "//a", "/a/../b", "/a/.", "/%zz",
+                                  "/a|b", "/a\\b", "/" + "a" * 5000])  # fmt: skip
+def test_a_path_that_is_not_a_literal_absolute_path_is_skipped(path: str) -> None:
+    """Ingress objects are hostile input too: no control characters, spaces, regex syntax or
+    dot segments reach the table (each would be a route no request can take, or worse)."""
+    for path_type in ("Exact", "Prefix", "ImplementationSpecific"):
+        objs = base(k8s.ingress("hostile", [("ok", [k8s.path(path, "a", path_type), k8s.path("/good", "a")])]))
+        result = compile_routes(snapshot(objs))
+        assert result.table.lookup("ok", "/good") is not None  # the rest of the object serves
+        assert [d.reason for d in result.diagnostics] == ["invalid_path"], path
+        assert "default/hostile" in result.diagnostics[0]
+
+
+def test_literal_paths_with_pchars_and_escapes_are_kept() -> None:
+    paths = ["/.well-known/acme-challenge", "/~user", "/a:b@c", "/caf%C3%A9", "/a/", "/a,b;c=d"]
+    objs = base(k8s.ingress("fine", [("ok", [k8s.path(p, "a", "Exact") for p in paths])]))
+    result = compile_routes(snapshot(objs))
+    assert result.diagnostics == []
+    assert all(result.table.lookup("ok", p) is not None for p in paths)
+
+
 def test_backend_port_by_name_and_endpoint_slice_port() -> None:
     objs = base(k8s.ingress("i", [(None, [k8s.path("/", "a", port="http")])]))
     route = compile_routes(snapshot(objs)).table.lookup("h", "/")
