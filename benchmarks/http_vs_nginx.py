@@ -110,16 +110,17 @@ def nginx_bin() -> str:
 
 
 def start_nginx(workdir: Path, name: str, http_block: str, core: int,
-                workers: int = 1) -> subprocess.Popen[bytes]:  # fmt: skip
+                workers: int = 1, connections: int = 4096) -> subprocess.Popen[bytes]:  # fmt: skip
     conf = workdir / f"{name}.conf"
     conf.write_text(f"""
 worker_processes {workers};
+worker_rlimit_nofile {connections * 2};
 daemon off;
 master_process {"on" if workers > 1 else "off"};
 user root;
 pid {workdir}/{name}.pid;
 error_log {workdir}/{name}.err warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
   keepalive_requests 1000000;

@@ -50,6 +50,8 @@ class WorkerTotals:
         self.access_log_dropped = 0
         # Gauges: live workers only.
         self.connections = 0
+        self.connections_shed = 0
+        self.accept_paused = 0
         self.upstream_connections = 0
 
     def copy(self) -> WorkerTotals:
@@ -87,6 +89,8 @@ class WorkerTotals:
         self.access_log_dropped += get("access_log_dropped", 0) or 0
         if gauges:
             self.connections += get("connections", 0) or 0
+            self.connections_shed += get("connections_shed", 0) or 0
+            self.accept_paused += get("accept_paused", 0) or 0
             self.upstream_connections += get("upstream_connections", 0) or 0
 
 
@@ -164,6 +168,13 @@ class WorkerCollector(Collector):
         yield responses
         yield GaugeMetricFamily("edgeproxy_client_connections", "Open client connections.",
                                 value=totals.connections)  # fmt: skip
+        yield GaugeMetricFamily("edgeproxy_client_connections_shed",
+                                "Idle keep-alive client connections that gave back their parser "
+                                "(memory shed; one is made again at their next request).",
+                                value=totals.connections_shed)  # fmt: skip
+        yield GaugeMetricFamily("edgeproxy_workers_not_accepting",
+                                "Workers at --max-connections, not accepting new connections.",
+                                value=totals.accept_paused)  # fmt: skip
         yield GaugeMetricFamily("edgeproxy_upstream_connections",
                                 "Open upstream connections (idle in pools and in use).",
                                 value=totals.upstream_connections)  # fmt: skip

@@ -139,7 +139,10 @@ class Worker:
             if (exchange is not None and exchange.up is not None) or conn.tunnel is not None:
                 upstream_open += 1
         log = dp.access_log
+        shed = sum(1 for conn in dp.connections if conn.parser is None)
         return {
+            "connections_shed": shed,
+            "accept_paused": int(dp.accept_paused),
             "status": {code: n for code, n in enumerate(dp.status_counts) if n},
             "retries": dp.retries,
             "connects": dp.pool.connects,

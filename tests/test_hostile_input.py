@@ -278,7 +278,9 @@ async def test_at_max_connections_a_worker_stops_accepting_and_keeps_serving(rec
         writer.write(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
         await reader.readexactly(3)
-    assert value(await scrape(proxy.admin), "edgeproxy_client_connections") == 5
+    metrics = await scrape(proxy.admin)
+    assert value(metrics, "edgeproxy_client_connections") == 5
+    assert value(metrics, "edgeproxy_workers_not_accepting") == 1
     assert b"/queued" not in recorder.bytes_received
     for _, writer in held[:2]:  # under 90% of the limit: accepting resumes, the queued one is served
         writer.close()
@@ -358,3 +360,29 @@ async def test_an_upstream_reset_inside_a_sized_body_cuts_the_client_connection(
         assert closed and len(body) < 100  # cut, so the client can tell it is incomplete
     finally:
         backend.close()
+
+
+async def test_an_idle_connection_sheds_its_parser_and_serves_its_next_requests(recorder: Recorder, proxy_factory: Any) -> None:  # fmt: skip
+    from tests.test_observability import scrape, value
+
+    proxy = await proxy_factory(simple_site(recorder.port, "127.0.0.2"), "--workers", "1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    try:
+        writer.write(b"GET /one HTTP/1.1\r\n" + H + b"\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        await reader.readexactly(3)
+
+        async def shed() -> bool:
+            return value(await scrape(proxy.admin), "edgeproxy_client_connections_shed") == 1
+
+        await eventually(shed, what="the idle connection shedding its parser")
+        # Its next requests (two pipelined, one split across writes) are read as before.
+        writer.write(b"GET /two HTTP/1.1\r\n" + H + b"\r\nGET /three HTTP/1.1\r\nHo")
+        await writer.drain()
+        writer.write(b"st: example.com\r\n\r\n")
+        for _ in range(2):
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(3)
+        assert [r.target for r, _ in recorder.requests] == [b"/one", b"/two", b"/three"]
+    finally:
+        writer.close()

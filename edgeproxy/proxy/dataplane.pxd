@@ -15,7 +15,9 @@ cdef class Dataplane:
     cdef public Py_ssize_t max_requests_per_connection, max_connections, max_pipelined
     cdef public Py_ssize_t max_upstream_header_bytes
     cdef public double client_body_timeout
-    cdef public bint accept_paused
+    cdef public bint accept_paused, loop_sets_nodelay
+    cdef public dict connection_infos
+    cdef public double _last_shrink
     cdef public object accept_hook
     cdef public set connections
     cdef public list status_counts

@@ -28,6 +28,7 @@ from edgeproxy.proxy.pool import UpstreamPool
 from edgeproxy.routing import EMPTY_TABLE, Cluster, Route, RouteTable, TransportProfile
 
 POOL_SWEEP_INTERVAL = 1.0
+SHRINK_INTERVAL = 1.0  # idle this long (seconds), a keep-alive connection sheds its parser
 MAX_TICK = 0.25  # bounds how late a deadline or an ejection's end is noticed
 HOST_CACHE_SIZE = 4096
 ROUTE_MEMO_SIZE = 1024  # per host: recent paths -> route; cleared when full and on publish
@@ -52,6 +53,9 @@ class Dataplane:
         self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint,
                                  settings.max_upstream_header_bytes)  # fmt: skip
         self.connections: set[Any] = set()  # client connections, for the deadline sweep
+        self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
+        self.connection_infos: dict[Any, Any] = {}  # (port, client ip) -> ConnectionInfo, shared
+        self._last_shrink = 0.0
         self.date = DateHeader()
         # Responses by status code: a list, indexed by the code (llhttp allows 3 digits), because
         # incrementing a Counter goes through its Python-level __setitem__ slot.
@@ -263,6 +267,14 @@ class Dataplane:
                 due.append(conn)
         for conn in due:
             conn.deadline_passed()
+        if now - self._last_shrink >= SHRINK_INTERVAL:
+            # Keep-alive connections idle for SHRINK_INTERVAL give back their parser (their
+            # deadline is their last activity plus the keep-alive timeout).
+            self._last_shrink = now
+            quiet = now - SHRINK_INTERVAL + self.keepalive_timeout
+            for conn in self.connections:
+                if conn.exchange is None and conn.parser is not None and 0 < conn.deadline <= quiet:
+                    conn.shrink_idle()
         if now - self._last_pool_sweep >= POOL_SWEEP_INTERVAL:
             self._last_pool_sweep = now
             self.pool.expire(now - self.settings.upstream_idle_timeout)
