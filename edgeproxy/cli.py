@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--default-certificate", metavar="NAMESPACE/NAME",
                        help="kubernetes.io/tls Secret for names no Ingress covers (default: a "
                             "self-signed one)")
+        p.add_argument("--tls-ticket-key-secret", metavar="NAMESPACE/NAME",
+                       help="Secret whose data tls.ticket-key (32+ random bytes) keys TLS session "
+                            "tickets, so every replica resumes every other's sessions (default: "
+                            "a random key shared by this pod's workers)")
         p.add_argument("--publish-address", metavar="IP|HOSTNAME",
                        help="write this address to Ingress status")
         p.add_argument("--publish-service", metavar="NAMESPACE/NAME",

@@ -46,7 +46,13 @@ from edgeproxy.metrics import PodMetrics, WorkerTotals
 from edgeproxy.objects import ObjectStore
 from edgeproxy.pipeline import EndpointChanges, RoutePipeline
 from edgeproxy.tablesync import TableSender
-from edgeproxy.tls import CertificateStore
+from edgeproxy.tls import (
+    TICKET_KEY_BYTES,
+    BadCertificate,
+    CertificateStore,
+    derive_ticket_keys,
+    secret_ticket_material,
+)
 
 log = logging.getLogger("edgeproxy")
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # where `edgeproxy` was found
@@ -121,6 +127,12 @@ class Supervisor:
             default_balancer=settings.default_balancer, loop=loop, outlier=settings.outlier,
         )  # fmt: skip
         self.pipeline.on_published.append(self._certificates_changed)
+        # Session ticket keys: random for this pod unless a Secret names them (all replicas).
+        self.ticket_keys = os.urandom(TICKET_KEY_BYTES)
+        self.ticket_secret = getattr(args, "tls_ticket_key_secret", None)
+        self._ticket_problem = ""
+        if self.ticket_secret:
+            self.pipeline.on_published.append(self._ticket_keys_changed)
         # A thread, so watch events and health verdicts keep flowing while a large table
         # compiles (the GIL switches every 5 ms). Not niced: a low-priority thread holding the
         # GIL would stall the loop behind it (priority inversion; measured worse).
@@ -207,6 +219,32 @@ class Supervisor:
             if worker is not None:
                 self._send_certificates(worker)
 
+    def _ticket_keys_changed(self, result: CompileResult) -> None:
+        """The ticket key Secret, read again at each publish; a new key goes to every worker.
+        Tickets made with the old key then get a full handshake, never a failed one."""
+        ns, _, name = (self.ticket_secret or "").partition("/")
+        secret = self.store.snapshot().objects.get(("Secret", ns, name))
+        label = f"Secret {ns}/{name} (--tls-ticket-key-secret)"
+        problem = ""
+        if secret is None:
+            problem = f"{label} not found; session tickets use this pod's own key meanwhile"
+        else:
+            try:
+                keys = derive_ticket_keys(secret_ticket_material(secret, label))
+            except BadCertificate as exc:
+                problem = f"{exc}; session tickets keep their last key"
+            else:
+                if keys != self.ticket_keys:
+                    self.ticket_keys = keys
+                    log.info("session ticket keys from %s now in use", label)
+                    self.broadcast(("ticket_keys", keys))
+        if problem and problem != self._ticket_problem and (ns, name) not in self._reading():
+            log.warning("%s", problem)
+        self._ticket_problem = problem
+
+    def _reading(self) -> set[tuple[str, str]]:
+        return self.kube.fetching if self.kube is not None else set()
+
     def _send_certificates(self, worker: WorkerProcess) -> None:
         exact, wildcard, default_id, pems = self.certificates.state()
         new = {fp: pem for fp, pem in pems.items() if fp not in worker.sent_pems}
@@ -280,6 +318,7 @@ class Supervisor:
         await self.loop.create_unix_connection(lambda: channel, sock=parent)
         self.workers[slot] = worker  # from here on, broadcasts reach it; before, full() below
         worker.send(("init", slot, self.settings, described))
+        worker.send(("ticket_keys", self.ticket_keys))
         if self.pipeline.last is not None:
             worker.send(self.sender.full())
             self._send_certificates(worker)
@@ -400,6 +439,7 @@ class Supervisor:
             kube = self.kube = KubeSource(
                 self.store, namespaces=args.watch_namespace, kubeconfig=args.kubeconfig,
                 in_cluster=args.in_cluster, default_secret=args.default_certificate,
+                more_secrets=[args.tls_ticket_key_secret] if args.tls_ticket_key_secret else [],
             )  # fmt: skip
             # Before the certificates' turn: a Secret being read is not reported missing.
             self.pipeline.on_published.insert(0, lambda r: kube.references_changed(r.secrets()))

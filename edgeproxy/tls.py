@@ -33,6 +33,77 @@ class BadCertificate(Exception):
     pass
 
 
+# Session ticket keys (RFC 5077, and TLS 1.3 resumption): one set for every worker of the pod,
+# and with --tls-ticket-key-secret for every replica, so a client resumes wherever it lands
+# (nginx ssl_session_ticket_key, HAProxy tls-ticket-keys). OpenSSL 1.1+ takes 80 bytes: a
+# 16-byte key name, a 32-byte HMAC key and a 32-byte AES-256 key. Python's ssl module has no
+# call for it, so SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS) is reached through ctypes.
+TICKET_KEY_BYTES = 80
+TICKET_KEY_FIELD = "tls.ticket-key"  # the Secret's data key: at least 32 random bytes
+_SET_TICKET_KEYS, _GET_TICKET_KEYS = 59, 58  # SSL_CTRL_{SET,GET}_TLSEXT_TICKET_KEYS
+_ssl_ctx_ctrl: Any = None
+
+
+def _ctx_ctrl() -> Any:
+    global _ssl_ctx_ctrl
+    if _ssl_ctx_ctrl is None:
+        import ctypes
+        import ctypes.util
+
+        try:  # _ssl links libssl: its symbols resolve through it, the very library in use
+            lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+            ctrl = lib.SSL_CTX_ctrl
+        except (AttributeError, OSError):
+            lib = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+            ctrl = lib.SSL_CTX_ctrl
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        ctrl.restype = ctypes.c_long
+        _ssl_ctx_ctrl = ctrl
+    return _ssl_ctx_ctrl
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Make `ctx` encrypt and decrypt session tickets with `keys` (TICKET_KEY_BYTES); True if
+    OpenSSL took them (read back to be sure the context was found)."""
+    import ctypes
+
+    if len(keys) != TICKET_KEY_BYTES:
+        raise ValueError("ticket keys are 80 bytes")
+    try:
+        ctrl = _ctx_ctrl()
+        # A PySSLContext is its object header, then the SSL_CTX pointer.
+        handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not handle:
+            return False
+        if ctrl(handle, _SET_TICKET_KEYS, len(keys), ctypes.create_string_buffer(keys, len(keys))) != 1:
+            return False
+        back = ctypes.create_string_buffer(len(keys))
+        return bool(ctrl(handle, _GET_TICKET_KEYS, len(keys), back) == 1 and back.raw == keys)
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def derive_ticket_keys(material: bytes) -> bytes:
+    """80 bytes of ticket keys from a Secret's material (the same material, the same keys on
+    every replica)."""
+    parts = [hashlib.sha256(label + material).digest() for label in (b"name", b"hmac", b"aes")]
+    return parts[0][:16] + parts[1] + parts[2]
+
+
+def secret_ticket_material(secret: dict[str, Any], where: str) -> bytes:
+    data = secret.get("data") or {}
+    try:
+        if TICKET_KEY_FIELD in data:
+            material = base64.b64decode(data[TICKET_KEY_FIELD])
+        else:
+            material = (secret.get("stringData") or {})[TICKET_KEY_FIELD].encode()
+    except (KeyError, ValueError, AttributeError, TypeError):
+        raise BadCertificate(f"{where}: needs data {TICKET_KEY_FIELD} (base64)") from None
+    if len(material) < 32:
+        raise BadCertificate(f"{where}: {TICKET_KEY_FIELD} has {len(material)} bytes; at least 32")
+    return material
+
+
 def _new_server_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # 1.0/1.1 refused (RFC 8996)

@@ -47,6 +47,8 @@ class Worker:
         self.generation = -1
         self.servers: list[Any] = []
         self.accepting: list[tuple[socket.socket, Any, Any]] = []  # socket, factory, TLS context
+        self.ticket_keys = b""
+        self.keys_warned = False
         self.serving = False
         self.done = asyncio.Event()
         self.stopping = False
@@ -68,6 +70,8 @@ class Worker:
         elif kind == "health":
             for key, consecutive, ejected_until, ejections in message[1]:
                 self.dp.registry.set_health(key, consecutive, ejected_until, ejections)
+        elif kind == "ticket_keys":
+            self._ticket_keys(message[1])
         elif kind == "certs":
             self._certificates(*message[1:])
         elif kind == "stats":
@@ -107,6 +111,22 @@ class Worker:
         self.certificates.cas = cas
         if changed and self.dp is not None:
             self.dp.rebind([c for c in self.dp.bindings if c.transport.ca_secret in changed])
+
+    def _ticket_keys(self, keys: bytes) -> None:
+        """The pod's session ticket keys: on every TLS listener, so a session resumes in any
+        worker (and, keyed from a Secret, in any replica)."""
+        self.ticket_keys = keys
+        for _, _, context in self.accepting:
+            if context is not None:
+                self._apply_ticket_keys(context)
+
+    def _apply_ticket_keys(self, context: Any) -> None:
+        from edgeproxy.tls import set_ticket_keys
+
+        if self.ticket_keys and not set_ticket_keys(context, self.ticket_keys) and not self.keys_warned:
+            self.keys_warned = True
+            log.warning("worker %d cannot set TLS session ticket keys (this Python's ssl module "
+                        "is not the layout expected); its tickets resume only in it", self.slot)  # fmt: skip
 
     def _live(self, generation: int) -> None:
         self.generation = generation
@@ -170,6 +190,8 @@ class Worker:
         gc.set_threshold(100_000, 50, 1000)
         for scheme, port, fds in self.listeners:
             context = self.certificates.server_context() if scheme == "https" else None
+            if context is not None:
+                self._apply_ticket_keys(context)
             factory = _connections(ClientConnection, dp, scheme.encode(), str(port).encode())
             for fd in fds:
                 self.accepting.append((socket.socket(fileno=fd), protocol_factory(factory), context))

@@ -386,3 +386,29 @@ async def test_an_idle_connection_sheds_its_parser_and_serves_its_next_requests(
         assert [r.target for r, _ in recorder.requests] == [b"/one", b"/two", b"/three"]
     finally:
         writer.close()
+
+
+async def test_a_pipelined_request_whose_body_is_still_arriving_gets_it(recorder: Recorder, proxy_factory: Any) -> None:  # fmt: skip
+    """Found by benchmarks/fuzz.py: a request queued behind another, with part of its body, must
+    read the rest once it starts; and if the client half-closes before the rest, it is 400."""
+    proxy = await proxy_factory(simple_site(recorder.port, "127.0.0.2"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\n" + H + b"\r\nPOST /b HTTP/1.1\r\n" + H + b"Content-Length: 10\r\n\r\n01234")
+        for _ in range(1):
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(3)
+
+        async def waiting() -> bool:  # /a answered; /b started and waits for its body
+            return len(recorder.requests) == 1
+
+        await eventually(waiting, what="the first request answered")
+        writer.write(b"56789")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+        assert [(r.target, body) for r, body in recorder.requests] == [(b"/a", b""), (b"/b", b"0123456789")]
+    finally:
+        writer.close()
+    answer, closed = await exchange_raw(
+        proxy.http, b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\nGET / HTTP/1.1\r\n" + H + b"\r\n"
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", timeout=4)
+    assert statuses(answer) == [200, 200, 400] and closed

@@ -96,8 +96,8 @@ class ClientConnection(Downstream):
         self.port = port
         self.transport: Any = None
         self.flow = FlowControl(None)
-        self.wbuf: list[bytes] = []
-        self.parser = HttpRequestParser(self)
+        self.wbuf: Any = []  # list[bytes]; None while shed
+        self.parser: Any = HttpRequestParser(self)  # None while idle and shed (shrink_idle)
         self.info = ConnectionInfo(scheme, port, "", False)
         self.deadline = 0.0
         self.exchange: Exchange | None = None
@@ -536,6 +536,17 @@ class ClientConnection(Downstream):
         elif self.queued is None and self.in_head:
             self.parsing_queued = self.exchange is not None
         exchange = self.exchange
+        if exchange is not None and not exchange.req_done and self.queued is None:
+            # The rest of its body is still to come: read on (pipelining paused reading).
+            if self.eof:
+                self._drop_incomplete()  # the client half-closed before sending it
+                return
+            self.flow.resume(flow.PIPELINED)
+            backlog = self.backlog
+            if backlog is not None and not self.feeding:
+                self.backlog = None
+                self._consume(backlog)
+            exchange = self.exchange
         if exchange is not None:
             exchange.flush_upstream()
             exchange.flush_client()

@@ -281,15 +281,17 @@ class KindWatcher:
 
 class KubeSource:
     def __init__(self, store: ObjectStore, *, namespaces: Iterable[str], kubeconfig: Path | None,
-                 in_cluster: bool, default_secret: str | None = None) -> None:  # fmt: skip
+                 in_cluster: bool, default_secret: str | None = None,
+                 more_secrets: Iterable[str] = ()) -> None:  # fmt: skip
         self.store = store
         self.namespaces: list[str | None] = list(namespaces) or [None]
         self.kubeconfig = kubeconfig
         self.in_cluster = in_cluster
         self.default_refs: set[tuple[str, str]] = set()
-        if default_secret and "/" in default_secret:
-            ns, _, name = default_secret.partition("/")
-            self.default_refs.add((ns, name))
+        for ref in (default_secret, *more_secrets):  # Secrets named by flags: always read
+            if ref and "/" in ref:
+                ns, _, name = ref.partition("/")
+                self.default_refs.add((ns, name))
         self.referenced: set[tuple[str, str]] = set(self.default_refs)
         self.watchers: list[KindWatcher] = []
         self.api: ApiTransport | None = None
