@@ -15,7 +15,7 @@ import trustme
 
 from tests import k8s
 from tests.backends import Pods
-from tests.conftest import simple_site
+from tests.conftest import eventually, simple_site
 from tests.http1 import Client, fetch, read_body, read_head
 
 
@@ -254,7 +254,6 @@ async def test_tls_sessions_are_resumed(ca: trustme.CA, pods: Pods, proxy_factor
 
     port = await pods.start("127.0.0.2")
     cert = ca.issue_cert("secure.example.com")
-    # One worker: session tickets are per worker until ticket keys are shared (issue 13).
     proxy = await proxy_factory(site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
                                               [tls_secret("cert", cert)]), "--workers", "1", https=True)  # fmt: skip
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -274,3 +273,82 @@ async def test_tls_sessions_are_resumed(ca: trustme.CA, pods: Pods, proxy_factor
     assert not reused and data.startswith(b"HTTP/1.1 200")
     _, reused, data = await asyncio.to_thread(one_request, session)
     assert reused and data.startswith(b"HTTP/1.1 200")
+
+
+def ticket_secret(material: bytes) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tickets", "namespace": k8s.NS},
+            "data": {"tls.ticket-key": base64.b64encode(material).decode()}}  # fmt: skip
+
+
+def resume_client(ca: trustme.CA, port: int, version: ssl.TLSVersion) -> Any:
+    import socket
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(ctx)
+    ctx.minimum_version = ctx.maximum_version = version
+
+    def one(session: ssl.SSLSession | None, to: int = port) -> tuple[ssl.SSLSession | None, bool, bytes]:
+        raw = socket.create_connection(("127.0.0.1", to), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="secure.example.com", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: secure.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):  # reading lets the TLS 1.3 ticket arrive
+                data += chunk
+            return tls.session, tls.session_reused, data
+
+    return one
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_session_resumes_in_every_worker(ca: trustme.CA, pods: Pods, proxy_factory: Any, version: ssl.TLSVersion) -> None:  # fmt: skip
+    """The workers share the pod's ticket keys: new connections spread over both workers
+    (SO_REUSEPORT), and every one resumes the first connection's session."""
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    proxy = await proxy_factory(site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                                              [tls_secret("cert", cert)]), "--workers", "2", https=True)  # fmt: skip
+    one = resume_client(ca, proxy.https, version)
+    session, reused, data = await asyncio.to_thread(one, None)
+    assert not reused and data.startswith(b"HTTP/1.1 200")
+    resumed = [(await asyncio.to_thread(one, session))[1] for _ in range(16)]  # 2^-15: all one worker
+    assert all(resumed), resumed
+
+
+async def test_ticket_keys_from_a_secret_resume_across_replicas_and_rotate(ca: trustme.CA, pods: Pods, proxy_factory: Any, manifests: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                         [tls_secret("cert", cert), ticket_secret(b"k" * 48)])  # fmt: skip
+    flags = ("--workers", "1", "--tls-ticket-key-secret", f"{k8s.NS}/tickets")
+    first = await proxy_factory(objs, *flags, https=True)
+    second = await proxy_factory(objs, *flags, https=True)  # another replica, the same Secret
+    version = ssl.TLSVersion.TLSv1_3
+    one = resume_client(ca, first.https, version)
+    session, reused, _ = await asyncio.to_thread(one, None)
+    assert not reused
+    _, reused, data = await asyncio.to_thread(one, session, second.https)
+    assert reused and data.startswith(b"HTTP/1.1 200")  # made by one replica, resumed by the other
+    # Rotation: a new key in the Secret. Old tickets then get a full handshake, never a failure.
+    k8s.write(manifests, [o for o in objs if o["metadata"]["name"] != "tickets"] + [ticket_secret(b"n" * 48)])
+
+    async def rotated() -> bool:
+        return all(p.log().count("session ticket keys from Secret") >= 2 for p in (first, second))
+
+    await eventually(rotated, what="both replicas using the new key")
+    _, reused, data = await asyncio.to_thread(one, session, second.https)
+    assert not reused and data.startswith(b"HTTP/1.1 200")
+    session, _, _ = await asyncio.to_thread(one, None, second.https)
+    _, reused, data = await asyncio.to_thread(one, session, first.https)
+    assert reused and data.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_ticket_key_secret_that_is_too_short_is_reported_and_tls_still_works(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                         [tls_secret("cert", cert), ticket_secret(b"short")])  # fmt: skip
+    proxy = await proxy_factory(objs, "--tls-ticket-key-secret", f"{k8s.NS}/tickets", https=True)
+    one = resume_client(ca, proxy.https, ssl.TLSVersion.TLSv1_3)
+    _, _, data = await asyncio.to_thread(one, None)
+    assert data.startswith(b"HTTP/1.1 200")
+    assert "tls.ticket-key has 5 bytes; at least 32" in proxy.log()
