@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--upstream-idle-timeout", type=seconds,
                        default=Settings.upstream_idle_timeout,
                        help="seconds an idle pooled upstream connection is kept")
+        p.add_argument("--upstream-max-idle", type=int,
+                       default=Settings.upstream_max_idle_per_endpoint,
+                       help="idle pooled connections kept per endpoint (the pool follows demand "
+                            "up to this; --upstream-idle-timeout shrinks it)")
         p.add_argument("--max-header-size", type=size, default=Settings.max_header_bytes,
                        help="bytes of request line and fields (431 beyond)")
         p.add_argument("--max-body-size", type=size, default=Settings.max_body_bytes,
@@ -247,6 +251,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         client_header_timeout=args.client_header_timeout,
         keepalive_timeout=args.keepalive_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
+        upstream_max_idle_per_endpoint=args.upstream_max_idle,
         max_header_bytes=args.max_header_size,
         max_body_bytes=args.max_body_size,
         max_request_line=args.max_request_line,

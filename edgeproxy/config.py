@@ -36,7 +36,10 @@ class Settings:
     # Idle pooled upstream connections are closed after this (shorter than common backends'
     # keep-alive timeouts, so we rarely reuse a connection the backend is about to close).
     upstream_idle_timeout: float = 30.0
-    upstream_max_idle_per_endpoint: int = 64
+    # Idle connections kept per endpoint (and transport profile): the pool follows demand (a
+    # burst's connections stay for the next one) up to this bound, and the idle timeout above
+    # shrinks it when demand falls (Envoy's connection circuit breaker defaults to 1024).
+    upstream_max_idle_per_endpoint: int = 1024
     # nginx large_client_header_buffers is 4 x 8k; 32 KiB of header section -> 431 beyond.
     max_header_bytes: int = 32 * 1024
     # One line must fit one of nginx's 8k buffers: a longer request line is 414, a longer

@@ -7,6 +7,8 @@ import hashlib
 import json
 from typing import Any
 
+import pytest
+
 from tests import k8s
 from tests.backends import Pods
 from tests.conftest import eventually, simple_site
@@ -289,3 +291,26 @@ async def test_sigterm_lets_the_request_in_flight_finish(pods: Pods, proxy_facto
     resp = await client.response()
     assert resp.status == 200 and resp.header("connection") == "close"
     await client.close()
+
+
+@pytest.mark.parametrize("max_idle", [None, "8"])
+async def test_pool_follows_a_burst_and_every_request_is_answered(pods: Pods, proxy_factory: Any, max_idle: str | None) -> None:  # fmt: skip
+    """Two bursts of 120 concurrent requests: every one answered; by default the second burst
+    reuses the first one's connections (the pool kept them), with --upstream-max-idle 8 it
+    opens new ones beyond the 8 kept, and still answers all."""
+    port = await pods.start("127.0.0.2")
+    extra = ("--workers", "1") + (("--upstream-max-idle", max_idle) if max_idle else ())
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), *extra)
+
+    async def burst() -> list[int]:
+        return [r.status for r in await asyncio.gather(
+            *(fetch(proxy.http, "GET", "/slow/100") for _ in range(120)))]  # fmt: skip
+
+    assert await burst() == [200] * 120
+    first = pods.connections["127.0.0.2"]
+    assert await burst() == [200] * 120
+    opened = pods.connections["127.0.0.2"] - first
+    if max_idle is None:
+        assert opened <= 10  # the burst's connections were kept
+    else:
+        assert opened >= 120 - 8 - 10  # only 8 were kept (a few may not have overlapped)
