@@ -256,6 +256,12 @@ def main() -> int:
     parser.add_argument("--balancers", action="store_true", help="also least_conn and hash")
     parser.add_argument("--skip-10k", action="store_true")
     parser.add_argument("--mode", choices=("http", "https", "handshake"), default="http")
+    parser.add_argument("--tls-version", choices=("1.2", "1.3"),
+                        help="pin both proxies to this TLS version (default: both offered)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="session resumption off in both proxies: every handshake is full")
+    parser.add_argument("--body-size", type=int, default=0,
+                        help="the backend answers with a body of this many bytes (default: a line)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--workers", type=int, default=1,
                         help="proxy workers (edgeproxy --workers, nginx worker_processes); with "
@@ -292,8 +298,12 @@ def main() -> int:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             backend_port = free_port()
+            body = ""
+            if args.body_size:
+                (work / "body.bin").write_bytes(os.urandom(args.body_size))
+                body = f"location = {PATH} {{ default_type application/octet-stream; alias {work}/body.bin; }}"
             procs.append(start_nginx(work, "backend", f"""
-  server {{ listen 127.0.0.1:{backend_port} backlog=4096;
+  server {{ listen 127.0.0.1:{backend_port} backlog=4096; {body}
            location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1))  # fmt: skip
             wait_port(backend_port)
             nginx_port = free_port()
@@ -301,8 +311,11 @@ def main() -> int:
             if tls is not None:
                 (work / "cert.pem").write_bytes(tls[0])
                 (work / "key.pem").write_bytes(tls[1])
+                protocols = f"TLSv{args.tls_version}" if args.tls_version else "TLSv1.2 TLSv1.3"
+                resume = ("ssl_session_tickets off; ssl_session_cache off;" if args.no_resume
+                          else "ssl_session_cache shared:SSL:10m;")  # fmt: skip
                 ssl_directives = (f"ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem; "
-                                  "ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;")  # fmt: skip
+                                  f"ssl_protocols {protocols}; {resume}")  # fmt: skip
             procs.append(start_nginx(work, "proxy", f"""
   upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
   server {{
@@ -338,7 +351,13 @@ def main() -> int:
             if args.balancers:
                 variants += [("edgeproxy-least_conn", 0, ["--default-balancer", "least_conn"], edgeproxy),
                              ("edgeproxy-hash", 0, ["--default-balancer", "hash"], edgeproxy)]  # fmt: skip
+            tls_flags: list[str] = []
+            if args.tls_version:
+                tls_flags += ["--tls-min-version", args.tls_version, "--tls-max-version", args.tls_version]
+            if args.no_resume:
+                tls_flags += ["--tls-session-resumption", "off"]
             for name, extra, flags, command in variants:
+                flags = flags + tls_flags
                 port, admin = free_port(), free_port()
                 proc = subprocess.Popen(
                     ["taskset", "-c", cores(0), *command, "run",

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--default-certificate", metavar="NAMESPACE/NAME",
                        help="kubernetes.io/tls Secret for names no Ingress covers (default: a "
                             "self-signed one)")
+        p.add_argument("--tls-min-version", choices=("1.2", "1.3"), default=Settings.tls_min_version,
+                       help="lowest TLS version offered (1.0 and 1.1 never are, RFC 8996)")
+        p.add_argument("--tls-max-version", choices=("1.2", "1.3"), default=Settings.tls_max_version,
+                       help="highest TLS version offered")
+        p.add_argument("--tls-session-resumption", choices=("on", "off"), default="on",
+                       help="session tickets and the session cache (off: every handshake is full)")
         p.add_argument("--tls-ticket-key-secret", metavar="NAMESPACE/NAME",
                        help="Secret whose data tls.ticket-key (32+ random bytes) keys TLS session "
                             "tickets, so every replica resumes every other's sessions (default: "
@@ -226,6 +232,8 @@ def check_sources(args: argparse.Namespace) -> str | None:
     """What is wrong with where objects come from, in one line; None if nothing."""
     if not args.manifests and not (args.kubeconfig or args.in_cluster):
         return "give --manifests PATH, --kubeconfig FILE or --in-cluster"
+    if getattr(args, "tls_min_version", "1.2") > getattr(args, "tls_max_version", "1.3"):
+        return f"--tls-min-version {args.tls_min_version} is above --tls-max-version {args.tls_max_version}"
     for path in args.manifests:
         if not path.exists():
             return f"--manifests {path}: no such file or directory"
@@ -262,6 +270,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_connections=args.max_connections,
         max_pipelined=args.max_pipelined,
         max_upstream_header_bytes=args.max_upstream_header_size,
+        tls_min_version=args.tls_min_version,
+        tls_max_version=args.tls_max_version,
+        tls_session_resumption=args.tls_session_resumption == "on",
         reload_interval=args.reload_interval,
         trusted_proxies=args.trusted_proxies,
         default_balancer=args.default_balancer,

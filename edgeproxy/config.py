@@ -58,6 +58,10 @@ class Settings:
     # Parsed events of pipelined requests (a head, a body piece, an end) held while one is in
     # flight; beyond, reading pauses.
     max_pipelined: int = 64
+    # TLS protocol versions offered, and session resumption (tickets and the session cache).
+    tls_min_version: str = "1.2"
+    tls_max_version: str = "1.3"
+    tls_session_resumption: bool = True
     # An upstream response head larger than this is 502 (Envoy 60 KiB; nginx proxy_buffer_size 4k/8k).
     max_upstream_header_bytes: int = 64 * 1024
     # nginx client_max_body_size defaults to 1m, which surprises users; 0 = unlimited.

@@ -83,6 +83,26 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
         return False
 
 
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_SET_SESS_CACHE_MODE = 44  # SSL_CTRL_SET_SESS_CACHE_MODE (0: SSL_SESS_CACHE_OFF)
+
+
+def configure_server(ctx: ssl.SSLContext, min_version: str = "1.2", max_version: str = "1.3",
+                     resumption: bool = True) -> None:  # fmt: skip
+    """The operator's TLS choices on a server context (nginx ssl_protocols, and
+    ssl_session_tickets/ssl_session_cache off when `resumption` is false)."""
+    ctx.minimum_version = TLS_VERSIONS[min_version]
+    ctx.maximum_version = TLS_VERSIONS[max_version]
+    if not resumption:
+        import ctypes
+
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0  # TLS 1.3 tickets
+        handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if handle:
+            _ctx_ctrl()(handle, _SET_SESS_CACHE_MODE, 0, None)  # no session ID cache either
+
+
 def derive_ticket_keys(material: bytes) -> bytes:
     """80 bytes of ticket keys from a Secret's material (the same material, the same keys on
     every replica)."""
@@ -368,6 +388,7 @@ class SniCertificates:
         self.pems: dict[bytes, tuple[bytes, bytes]] = {}
         self.contexts: dict[bytes, ssl.SSLContext] = {}
         self.cas: dict[tuple[str, str], bytes | None] = {}
+        self.options: dict[str, Any] = {}  # configure_server's keywords (the worker's settings)
 
     def update(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
                pems: dict[bytes, tuple[bytes, bytes]]) -> None:  # fmt: skip
@@ -382,6 +403,7 @@ class SniCertificates:
         ctx = self.contexts.get(fp)
         if ctx is None:
             ctx = self.contexts[fp] = context_from_pem(*self.pems[fp], "certificate")
+            configure_server(ctx, **self.options)
         return ctx
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
@@ -402,6 +424,7 @@ class SniCertificates:
     def server_context(self) -> ssl.SSLContext:
         """The listener's context: its SNI callback swaps in the certificate for the name."""
         ctx = context_from_pem(*self.pems[self.default_id], "listener")
+        configure_server(ctx, **self.options)  # the listener's versions are the ones offered
         ctx.sni_callback = self._on_sni
         return ctx
 

@@ -89,6 +89,9 @@ class Worker:
 
         self.slot = slot
         self.listeners = listeners
+        self.certificates.options = {"min_version": settings.tls_min_version,
+                                     "max_version": settings.tls_max_version,
+                                     "resumption": settings.tls_session_resumption}  # fmt: skip
         dp = self.dp = Dataplane(settings, self.loop)
         dp.balancer_types = load_balancers()
         dp.registry.reporter = self.report

@@ -412,3 +412,12 @@ async def test_a_pipelined_request_whose_body_is_still_arriving_gets_it(recorder
         proxy.http, b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\nGET / HTTP/1.1\r\n" + H + b"\r\n"
         b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", timeout=4)
     assert statuses(answer) == [200, 200, 400] and closed
+    # Also found by the campaign: the queued request's own body is malformed (a bad chunk line).
+    cut_before = recorder.truncated  # the POST just above was streamed, then cut: 1
+    answer, closed = await exchange_raw(
+        proxy.http, b"GET / HTTP/1.1\r\n" + H + b"\r\nPOST / HTTP/1.1\r\n" + H
+        + b"Transfer-Encoding: chunked\r\n\r\n5\r\xb1hello\r\n0\r\n\r\n", half_close=False, timeout=4)
+    assert statuses(answer) == [200, 400] and closed
+    # The backend got /a, /b and the two GETs: never the POST with the bad chunk, not even cut.
+    assert [r.method for r, _ in recorder.requests] == [b"GET", b"POST", b"GET", b"GET"]
+    assert recorder.truncated == cut_before and b"\xb1" not in recorder.bytes_received

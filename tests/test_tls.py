@@ -250,25 +250,11 @@ async def test_https_backend_verified_against_a_ca_secret(ca: trustme.CA, proxy_
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_tls_sessions_are_resumed(ca: trustme.CA, pods: Pods, proxy_factory: Any, version: ssl.TLSVersion) -> None:  # fmt: skip
-    import socket
-
     port = await pods.start("127.0.0.2")
     cert = ca.issue_cert("secure.example.com")
     proxy = await proxy_factory(site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
                                               [tls_secret("cert", cert)]), "--workers", "1", https=True)  # fmt: skip
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca.configure_trust(ctx)
-    ctx.minimum_version = ctx.maximum_version = version
-
-    def one_request(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool, bytes]:
-        raw = socket.create_connection(("127.0.0.1", proxy.https), timeout=5)
-        with ctx.wrap_socket(raw, server_hostname="secure.example.com", session=session) as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: secure.example.com\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := tls.recv(65536):  # reading lets the TLS 1.3 ticket arrive
-                data += chunk
-            return tls.session, tls.session_reused, data
-
+    one_request = resume_client(ca, proxy.https, version)
     session, reused, data = await asyncio.to_thread(one_request, None)
     assert not reused and data.startswith(b"HTTP/1.1 200")
     _, reused, data = await asyncio.to_thread(one_request, session)
@@ -352,3 +338,18 @@ async def test_a_ticket_key_secret_that_is_too_short_is_reported_and_tls_still_w
     _, _, data = await asyncio.to_thread(one, None)
     assert data.startswith(b"HTTP/1.1 200")
     assert "tls.ticket-key has 5 bytes; at least 32" in proxy.log()
+
+
+async def test_tls_versions_and_resumption_are_the_operators_choice(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    objs = site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}], [tls_secret("cert", cert)])
+    proxy = await proxy_factory(objs, "--tls-max-version", "1.2", "--tls-session-resumption", "off", https=True)
+    one = resume_client(ca, proxy.https, ssl.TLSVersion.TLSv1_2)
+    session, reused, data = await asyncio.to_thread(one, None)
+    assert data.startswith(b"HTTP/1.1 200")
+    _, reused, _ = await asyncio.to_thread(one, session)
+    assert not reused  # every handshake is full
+    only_13 = resume_client(ca, proxy.https, ssl.TLSVersion.TLSv1_3)
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(only_13, None)

@@ -98,7 +98,7 @@ class UpstreamConnection:
         self.idle_list = idle_list
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl = FlowControl(None)
-        self.parser = HttpResponseParser(self)
+        self.parser: Any = HttpResponseParser(self)  # None once the connection is lost
         self.receiver: ResponseReceiver | None = None
         self.raw = b""  # bytes of the current head not yet consumed
         self.in_head = True
@@ -169,6 +169,10 @@ class UpstreamConnection:
         if receiver is not None:
             self.receiver = None
             receiver.upstream_lost(self, exc)
+        # As the client side does: no cycle left for the collector (parser -> self).
+        self.parser = None
+        self.flow.transport = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         if self.receiver is not None:

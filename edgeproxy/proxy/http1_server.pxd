@@ -36,6 +36,7 @@ cdef class ClientConnection(Downstream):
     cdef _queue(self, Py_ssize_t kind, object payload)
     cdef _protocol_error(self, Py_ssize_t status)
     cdef _replay(self)
+    cdef bint _read_on(self)
     cdef _start_queued(self, list queued)
     cpdef _fail(self, Py_ssize_t status)
     cdef _really_close(self)
