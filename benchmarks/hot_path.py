@@ -104,7 +104,8 @@ def main() -> int:
                         help="count bytecodes per exchange, by function (sys.settrace; slow)")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
-    dp = Dataplane(Settings(), loop)
+    # One client connection carries every exchange: no cap on its requests.
+    dp = Dataplane(Settings(max_requests_per_connection=0), loop)
     dp.balancer_types = load_balancers()
     if args.access_log:
         from edgeproxy.accesslog import AccessLog

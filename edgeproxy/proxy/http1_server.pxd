@@ -8,7 +8,11 @@ from edgeproxy.proxy.flow cimport FlowControl
 from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
 
 
-cpdef Py_ssize_t request_line_end(bytes window, bint mid, Py_ssize_t start, bytes method)
+cimport cython
+
+
+@cython.locals(n=Py_ssize_t, at=Py_ssize_t, eol=Py_ssize_t)
+cpdef Py_ssize_t request_line_end(bytes window, bint mid, Py_ssize_t start, bytes method, bytes target)
 
 
 cdef class ClientConnection(Downstream):

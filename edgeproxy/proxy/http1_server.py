@@ -56,23 +56,32 @@ MAX_SHARED_INFOS = 4096
 SHRINK_AT_ONCE_ABOVE = 2048
 
 
-def request_line_end(window: bytes, mid: bool, start: int, method: bytes) -> int:
+def request_line_end(window: bytes, mid: bool, start: int, method: bytes, target: bytes) -> int:
     """The end of the request line of the message being parsed, or -1 when its protocol is not
     HTTP (llhttp checked the rest of its grammar). Not `mid`: the line is the first of
     `window` (after empty lines, RFC 9112 2.2); `mid`: the first line from `start` on that
-    begins with the method."""
+    begins with the method. (Compiled, the byte tests are C comparisons.)"""
+    n = len(window)
+    at = 0
     if not mid:
-        at = 0
-        while at < len(window) and window[at] in (13, 10):  # CR, LF
+        # The usual line, single spaces at the start of the read: "HTTP/" is where the method
+        # and target put it, and no search is needed.
+        eol = len(method) + len(target) + 2
+        if (eol + 9 < n and window[eol] == 72 and window[eol + 1] == 84 and window[eol + 2] == 84
+                and window[eol + 3] == 80 and window[eol + 4] == 47 and window[eol + 8] == 13
+                and window[eol + 9] == 10 and window[eol - 1] == 32):  # fmt: skip
+            return eol + 10
+        while at < n and (window[at] == 13 or window[at] == 10):  # CR, LF
             at += 1
     else:
         at = window.find(b"\n" + method + b" ", start - 1 if start else 0) + 1
-        if at == 0 and start == 0 and window.startswith(method + b" "):
-            at = 0
-        elif at == 0:
-            return -1
+        if at == 0:
+            if start != 0 or not window.startswith(method + b" "):
+                return -1
     eol = window.find(b"\n", at)
-    if eol - at < 14 or window[eol - 9:eol - 4] != b"HTTP/":
+    # ... SP "HTTP/" DIGIT "." DIGIT CR LF: the five bytes of "HTTP/" end 4 before the LF.
+    if eol - at < 14 or not (window[eol - 9] == 72 and window[eol - 8] == 84 and window[eol - 7] == 84
+                             and window[eol - 6] == 80 and window[eol - 5] == 47):  # fmt: skip
         return -1
     return eol + 1
 
@@ -385,7 +394,7 @@ class ClientConnection(Downstream):
         parser = self.parser
         head.method = parser.get_method()
         window = self.piece if self.carry is None else bytes(self.carry) + self.piece
-        end = request_line_end(window, self.line_mid, self.line_end, head.method)
+        end = request_line_end(window, self.line_mid, self.line_end, head.method, head.target)
         if end < 0:
             raise ClientProtocolError(400, "not an HTTP/1 request line (RFC 9112 2.3, 3)")
         self.line_end = end
