@@ -203,7 +203,7 @@ class Supervisor:
 
     def _certificates_changed(self, result: CompileResult) -> None:
         snapshot = self.store.snapshot()
-        reading = self.kube.fetching if self.kube is not None else set()
+        reading = self._reading()
         self.certificates.reading = reading
         self.certificates.update(snapshot, result.tls)
         by_ca: dict[tuple[str, str], Any] = {}  # backend CA Secret -> one cluster naming it

@@ -62,6 +62,13 @@ def _ctx_ctrl() -> Any:
     return _ssl_ctx_ctrl
 
 
+def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer of a context: a PySSLContext is its object header, then that."""
+    import ctypes
+
+    return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+
+
 def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
     """Make `ctx` encrypt and decrypt session tickets with `keys` (TICKET_KEY_BYTES); True if
     OpenSSL took them (read back to be sure the context was found)."""
@@ -71,8 +78,7 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
         raise ValueError("ticket keys are 80 bytes")
     try:
         ctrl = _ctx_ctrl()
-        # A PySSLContext is its object header, then the SSL_CTX pointer.
-        handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        handle = _ssl_ctx(ctx)
         if not handle:
             return False
         if ctrl(handle, _SET_TICKET_KEYS, len(keys), ctypes.create_string_buffer(keys, len(keys))) != 1:
@@ -94,11 +100,9 @@ def configure_server(ctx: ssl.SSLContext, min_version: str = "1.2", max_version:
     ctx.minimum_version = TLS_VERSIONS[min_version]
     ctx.maximum_version = TLS_VERSIONS[max_version]
     if not resumption:
-        import ctypes
-
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0  # TLS 1.3 tickets
-        handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        handle = _ssl_ctx(ctx)
         if handle:
             _ctx_ctrl()(handle, _SET_SESS_CACHE_MODE, 0, None)  # no session ID cache either
 

@@ -212,9 +212,12 @@ class Worker:
             self.servers.append(await self.loop.create_server(
                 factory, sock=sock.dup(), ssl=context, backlog=4096))  # fmt: skip
         if self.dp.accept_paused or self.stopping:  # paused again while these were made
-            for server in self.servers:
-                server.close()
-            self.servers = []
+            self._close_servers()
+
+    def _close_servers(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
 
     def _accept_paused(self, paused: bool) -> None:
         """--max-connections reached (or, `paused` false, left): new connections wait in the
@@ -224,9 +227,7 @@ class Worker:
         if paused:
             log.warning("worker %d holds %d client connections (--max-connections): not "
                         "accepting until it holds fewer", self.slot, len(self.dp.connections))  # fmt: skip
-            for server in self.servers:
-                server.close()
-            self.servers = []
+            self._close_servers()
         else:
             log.info("worker %d accepts again", self.slot)
             self.loop.create_task(self._accept())
@@ -237,8 +238,7 @@ class Worker:
             return
         self.stopping = True
         dp = self.dp
-        for server in self.servers:
-            server.close()
+        self._close_servers()
         if dp is not None:
             dp.draining = True  # responses from now on carry Connection: close
             deadline = self.loop.time() + drain_timeout

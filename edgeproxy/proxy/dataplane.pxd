@@ -13,7 +13,6 @@ cdef class Dataplane:
     cdef public Py_ssize_t max_header_bytes, max_body_bytes
     cdef public Py_ssize_t max_request_line, max_header_line, max_header_count
     cdef public Py_ssize_t max_requests_per_connection, max_connections, max_pipelined
-    cdef public Py_ssize_t max_upstream_header_bytes
     cdef public double client_body_timeout
     cdef public bint accept_paused, loop_sets_nodelay
     cdef public dict connection_infos

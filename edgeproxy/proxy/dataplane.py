@@ -90,7 +90,6 @@ class Dataplane:
         self.max_requests_per_connection = settings.max_requests_per_connection
         self.max_connections = settings.max_connections
         self.max_pipelined = settings.max_pipelined
-        self.max_upstream_header_bytes = settings.max_upstream_header_bytes
         # Accepting pauses at max_connections (the worker's hook) and resumes under 90% of it.
         self.accept_paused = False
         self.accept_hook: Any = None  # callable(pause: bool), set by the worker
