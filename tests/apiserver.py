@@ -232,8 +232,11 @@ current-context: fake
         deadline = loop.time() + timeout
         sent = since
         epoch = self.finish_epoch
+        task = asyncio.current_task()
         try:
-            while loop.time() < deadline and epoch == self.finish_epoch:
+            # cancelling(): Python 3.11's wait_for can swallow a cancel that lands as the
+            # Condition wakes; the stream must still end (a test's teardown waits for it).
+            while loop.time() < deadline and epoch == self.finish_epoch and not (task and task.cancelling()):
                 # History is in resourceVersion order: start after what this stream has sent.
                 start = bisect.bisect_right(self.history, sent, key=lambda event: event[0])
                 for rv, ev_kind, ev_type, obj in self.history[start:]:
