@@ -1,63 +1,90 @@
-"""objects -> RouteTable. Pure: no I/O, no clock; the same snapshot always gives the same table.
+"""Fragments -> RouteTable: the compile step, whole or one change at a time.
 
-A bad object is reported as a diagnostic and skipped; it never aborts the rebuild.
-References: networking.k8s.io/v1 Ingress API reference (path types, host wildcards, default
-backend), IngressClass (is-default-class), discovery.k8s.io/v1 EndpointSlice and KEP-1669
-(ready / serving / terminating conditions).
+`RouteCompiler.build` compiles every Ingress; `RouteCompiler.update` recompiles only the
+Ingresses a change touches (the Ingress itself, or those naming a changed Service) and puts
+together again only the host groups their fragments had or have. So an Ingress event costs
+that Ingress and its hosts, not the store: with 10,000 Ingresses a full compile took 0.5-0.7 s
+of the supervisor's CPU, an update of one Ingress a fraction of a millisecond. Both paths
+share every step, and tests/test_compile.py checks that any sequence of updates gives the
+table a fresh build gives.
+
+Pure: no I/O, no clock; the objects come from an ObjectSource (a Snapshot in the compile
+thread, the live ObjectStore on the loop).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field, replace
+import bisect
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
-from edgeproxy.config import CONTROLLER_NAME, OutlierSettings
-from edgeproxy.hosts import EndpointKey
-from edgeproxy.objects import K8sObject, Snapshot, service_label
-from edgeproxy.routing import PLAIN, Cluster, HostRoutes, Route, RouteTable, TransportProfile
-
-DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
-LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
-ANNOTATION_PREFIX = "edgeproxy.io/"
-PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
-HASH_BY = re.compile(r"^(client-ip|path|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|cookie:[^\s;=,]+)$")
-# edgeproxy.io/<annotation> -> OutlierSettings field (per Ingress; flags set the defaults).
-OUTLIER_ANNOTATIONS = (
-    ("outlier-consecutive-failures", "consecutive_gateway_failures", int),
-    ("outlier-base-ejection-time", "base_ejection_time", float),
-    ("outlier-max-ejection-time", "max_ejection_time", float),
-    ("outlier-max-ejection-percent", "max_ejection_percent", float),
-    ("outlier-panic-threshold", "panic_threshold_percent", float),
+from edgeproxy.config import OutlierSettings
+from edgeproxy.fragments import (
+    ClusterResolver,
+    Diagnostic,
+    IngressFragment,
+    Keys,
+    Memo,
+    TlsBinding,
+    compile_ingress,
+    resolve_endpoints,
+    served_classes,
 )
-# RFC 1123 DNS subdomain, optionally with one leading "*." label (Ingress host rules).
-HOST_RE = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+from edgeproxy.objects import K8sObject, ObjectKey, Snapshot, service_label
+from edgeproxy.routing import Cluster, HostRoutes, Route, RouteTable
+
+__all__ = ["CompileResult", "Diagnostic", "RouteCompiler", "TableDelta", "TlsBinding",
+           "compile_routes", "resolve_endpoints"]  # fmt: skip
+
+Service = tuple[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class TlsBinding:
-    """spec.tls entry of a served Ingress: these hosts use that Secret's certificate."""
+class ObjectSource(Protocol):
+    """What the compiler reads: objects by key and kind, EndpointSlices by Service."""
 
-    hosts: tuple[str, ...]
-    secret: tuple[str, str]  # (namespace, name)
-    ingress: str
+    def get(self, key: ObjectKey) -> K8sObject | None: ...
+
+    def of_kind(self, kind: str) -> Iterable[tuple[ObjectKey, K8sObject]]: ...
+
+    def slices_of(self, service: Service) -> list[K8sObject]: ...
 
 
-class Diagnostic(str):
-    """One problem found in the objects (logged once, shown in /debug/routes and explain),
-    with a short reason for the edgeproxy_invalid_objects metric. A str: it reads as its message."""
+class SnapshotSource:
+    """A Snapshot as an ObjectSource (its EndpointSlices indexed by Service once)."""
 
-    reason: str
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.slices: dict[Service, list[K8sObject]] = {}
+        for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
+            svc = service_label(obj)
+            if svc:
+                self.slices.setdefault((ns, svc), []).append(obj)
 
-    def __new__(cls, reason: str, message: str) -> Diagnostic:
-        self = super().__new__(cls, message)
-        self.reason = reason
-        return self
+    def get(self, key: ObjectKey) -> K8sObject | None:
+        return self.snapshot.objects.get(key)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Diagnostic, (self.reason, str(self)))
+    def of_kind(self, kind: str) -> Iterable[tuple[ObjectKey, K8sObject]]:
+        return self.snapshot.of_kind(kind)
+
+    def slices_of(self, service: Service) -> list[K8sObject]:
+        return self.slices.get(service, [])
+
+
+@dataclass(slots=True)
+class TableDelta:
+    """What an update changed, so that what follows (tablesync, the supervisor's indexes)
+    costs the change too. None in a CompileResult: everything may have changed."""
+
+    hosts: set[str] = field(default_factory=set)  # host groups put together again ("" too)
+    default: bool = False  # the default backend route
+    added: list[Cluster] = field(default_factory=list)  # clusters the table now routes to
+    removed: list[Cluster] = field(default_factory=list)  # ... and no longer does
+    endpoints: list[tuple[Cluster, Keys]] = field(default_factory=list)  # live, new keys
+    tls: bool = False  # the TLS bindings changed
+    served: bool = False  # the served Ingresses changed
+    secrets: set[tuple[str, str]] = field(default_factory=set)  # Secrets that changed
 
 
 @dataclass(slots=True)
@@ -66,241 +93,343 @@ class CompileResult:
     tls: tuple[TlsBinding, ...]
     diagnostics: list[str] = field(default_factory=list)
     served_ingresses: tuple[str, ...] = ()
+    # Current endpoints of every cluster the compiler holds (a cluster's own keys are those
+    # it was compiled with; EndpointSlice events update these). The compiler's live dict.
+    endpoints: Mapping[Cluster, Keys] = field(default_factory=dict)
+    ca_clusters: tuple[Cluster, ...] = ()  # routed clusters whose endpoints are verified by a CA
+    delta: TableDelta | None = None
+
+    def touches_certificates(self) -> bool:
+        """Whether certificates or backend CAs may differ from the last result's."""
+        delta = self.delta
+        return (delta is None or delta.tls or bool(delta.secrets)
+                or any(c.transport.ca_secret is not None for c in delta.added)
+                or any(c.transport.ca_secret is not None for c in delta.removed))  # fmt: skip
 
     def secrets(self) -> set[tuple[str, str]]:
         """Every Secret the served Ingresses need: certificates and backend CAs."""
         refs = {b.secret for b in self.tls}
-        refs.update(c.transport.ca_secret for c in self.table.clusters()
+        refs.update(c.transport.ca_secret for c in self.ca_clusters
                     if c.transport.ca_secret is not None)  # fmt: skip
         return refs
 
 
-def _meta(obj: K8sObject) -> dict[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
+class RouteCompiler:
+    """The compile's state between changes: each Ingress's fragment, which Ingresses put
+    routes on each host and name each Service, the clusters and their current endpoints."""
 
+    def __init__(self, source: ObjectSource, *, only_class: str | None = None,
+                 balancers: Collection[str] = ("round_robin",),
+                 default_balancer: str = "round_robin",
+                 outlier: OutlierSettings | None = None) -> None:  # fmt: skip
+        self.source = source
+        self.only_class = only_class
+        self.resolver = ClusterResolver(self._service, self._slices, balancers, default_balancer,
+                                        outlier or OutlierSettings())  # fmt: skip
+        self.classes: set[str] = set()
+        self.default_class = False
+        self.fragments: dict[ObjectKey, IngressFragment] = {}
+        self.by_host: dict[str, set[ObjectKey]] = {}  # host -> Ingresses with paths on it
+        self.by_service: dict[Service, set[ObjectKey]] = {}  # Service -> Ingresses naming it
+        self.with_default: set[ObjectKey] = set()
+        self.served: list[tuple[tuple[str, str, str], ObjectKey]] = []  # by age
+        self.memo_refs: dict[Memo, int] = {}  # cluster cache entry -> fragments using it
+        self.memos_of: dict[Service, set[Memo]] = {}
+        self.endpoints: dict[Cluster, Keys] = {}  # every cached cluster's current endpoints
+        self.clusters_of: dict[Service, set[Cluster]] = {}
+        self.live: dict[Cluster, int] = {}  # clusters the table routes to -> routes using them
+        self.ca_live: dict[Cluster, None] = {}  # ... of those, the ones verified by a CA
+        self.groups: dict[str, HostRoutes] = {}
+        # The table's host groups as RouteTable holds them (copied, in C, per update).
+        self.exact_hosts: dict[str, HostRoutes] = {}
+        self.wildcard_hosts: dict[str, HostRoutes] = {}  # by suffix with its dot
+        self.default_route: Route | None = None
+        # Non-empty diagnostics by where they come from: ("ingress", key), ("host", host),
+        # ("default",); the clusters' own are in resolver.cluster_diagnostics.
+        self.problems: dict[tuple[Any, ...], list[str]] = {}
+        self.generation = 0
+        self._tls: tuple[TlsBinding, ...] = ()
+        self._tls_names: frozenset[str] = frozenset()
+        self._served: tuple[str, ...] = ()
 
-def _annotations(obj: K8sObject) -> dict[str, str]:
-    ann = _meta(obj).get("annotations")
-    return ann if isinstance(ann, dict) else {}
+    # -- the two ways in ------------------------------------------------------------------
 
+    def build(self, generation: int) -> CompileResult:
+        """Every Ingress, from nothing."""
+        self.classes, self.default_class = served_classes(self.source.of_kind("IngressClass"),
+                                                          self.only_class)  # fmt: skip
+        delta = TableDelta()
+        for key, ingress in self.source.of_kind("Ingress"):
+            self._add(key, ingress, delta)
+        self._settle(delta, set(self.by_host), True, generation)
+        return self._publish(None, generation)
 
-def _spec(obj: K8sObject) -> dict[str, Any]:
-    spec = obj.get("spec")
-    return spec if isinstance(spec, dict) else {}
+    def update(self, keys: Iterable[ObjectKey], generation: int) -> CompileResult:
+        """Only what these changed objects touch (Ingresses and Services; other kinds do not
+        shape routes). An IngressClass change is the caller's cue for build()."""
+        changed: set[ObjectKey] = set()
+        delta = TableDelta()
+        for key in keys:
+            if key[0] == "Secret":
+                delta.secrets.add((key[1], key[2]))
+            elif key[0] == "Ingress":
+                changed.add(key)
+            elif key[0] == "Service":
+                service = (key[1], key[2])
+                changed |= self.by_service.get(service, set())
+                for memo in self.memos_of.get(service, ()):  # resolve again; reused if unchanged
+                    cluster = self.resolver.clusters.pop(memo, None)
+                    if cluster is not None:
+                        self.resolver.replaced[memo] = cluster
+                        self.resolver.cluster_diagnostics.pop(memo, None)
+        hosts: set[str] = set()
+        regroup_default = False
+        for key in changed:
+            old = self.fragments.get(key)
+            if old is not None:
+                hosts.update(old.routes)
+                regroup_default |= old.default is not None
+                self._remove(key, old)
+            ingress = self.source.get(key)
+            new = None
+            if ingress is not None:
+                new = self._add(key, ingress, delta)
+                hosts.update(new.routes)
+                regroup_default |= new.default is not None
+            was, now = old is not None and old.served, new is not None and new.served
+            if was != now or (was and now and old.age != new.age):  # type: ignore[union-attr]
+                delta.served = delta.tls = True  # the order by age changed
+            elif (old.tls if was else ()) != (new.tls if now else ()):  # type: ignore[union-attr]
+                delta.tls = True
+        self._settle(delta, hosts, regroup_default, generation)
+        return self._publish(delta, generation)
 
+    def refresh_endpoints(self, services: Iterable[Service],
+                          diagnostics: list[str]) -> list[tuple[Cluster, Keys]]:  # fmt: skip
+        """EndpointSlices changed: these Services' clusters get their endpoints again. Reads
+        only these Services' slices, so an event costs what changed."""
+        changes = []
+        for service in services:
+            clusters = self.clusters_of.get(service)
+            if not clusters:
+                continue
+            slices = self.source.slices_of(service)
+            for cluster in clusters:
+                keys = resolve_endpoints(slices, service[0], cluster.port_name, diagnostics)
+                if keys != self.endpoints.get(cluster):
+                    self.endpoints[cluster] = keys
+                    changes.append((cluster, keys))
+        return changes
 
-def served_classes(snapshot: Snapshot, only_class: str | None) -> tuple[set[str], bool]:
-    """(names of edgeproxy's IngressClasses, whether an Ingress without a class is ours)."""
-    ours: set[str] = set()
-    default = False
-    for (_, _, name), obj in snapshot.of_kind("IngressClass"):
-        if _spec(obj).get("controller") != CONTROLLER_NAME:
-            continue
-        if only_class is not None and name != only_class:
-            continue
-        ours.add(name)
-        if str(_annotations(obj).get(DEFAULT_CLASS_ANNOTATION, "")).lower() == "true":
-            default = True
-    if only_class is not None and not ours:
-        # --ingress-class names a class that has no IngressClass object (yet): serve it by name.
-        ours.add(only_class)
-    return ours, default
+    # -- fragments ----------------------------------------------------------------------
 
+    def _service(self, namespace: str, name: str) -> K8sObject | None:
+        return self.source.get(("Service", namespace, name))
 
-def is_served(ingress: K8sObject, classes: set[str], default: bool) -> bool:
-    cls = _spec(ingress).get("ingressClassName") or _annotations(ingress).get(
-        LEGACY_CLASS_ANNOTATION
-    )
-    if cls:
-        return cls in classes
-    return default
+    def _slices(self, service: Service) -> list[K8sObject]:
+        return self.source.slices_of(service)
 
-
-class _Resolver:
-    """Service + port -> Cluster, memoised per compile so Ingresses share clusters."""
-
-    def __init__(self, snapshot: Snapshot, balancers: Collection[str], default_balancer: str,
-                 outlier_defaults: OutlierSettings) -> None:  # fmt: skip
-        self.services: dict[tuple[str, str], K8sObject] = {}
-        self.slices: dict[tuple[str, str], list[K8sObject]] = {}
-        for (_, ns, name), obj in snapshot.of_kind("Service"):
-            self.services[(ns, name)] = obj
-        for (_, ns, _), obj in sorted(snapshot.of_kind("EndpointSlice"), key=lambda kv: kv[0]):
-            svc = service_label(obj)
-            if svc:
-                self.slices.setdefault((ns, svc), []).append(obj)
-        self.balancers = balancers
-        self.default_balancer = default_balancer
-        self.clusters: dict[tuple[Any, ...], Cluster] = {}
-        self.outlier_defaults = outlier_defaults
-        self.diagnostics: list[str] = []
-
-    def balancer_of(self, where: str, annotations: dict[str, str]) -> tuple[str, dict[str, Any]]:
-        name = annotations.get(ANNOTATION_PREFIX + "load-balance", self.default_balancer)
-        if name not in self.balancers:
-            self.diagnostics.append(Diagnostic("bad_annotation",
-                f"Ingress {where}: unknown load-balance {name!r}; using {self.default_balancer}"
-            ))
-            name = self.default_balancer
-        options: dict[str, Any] = {}
-        hash_by = annotations.get(ANNOTATION_PREFIX + "hash-by")
-        if hash_by is not None:
-            if HASH_BY.match(hash_by):
-                options["hash_by"] = hash_by
+    def _add(self, key: ObjectKey, ingress: K8sObject, delta: TableDelta) -> IngressFragment:
+        fragment = compile_ingress(key, ingress, self.resolver, self.classes, self.default_class)
+        self.fragments[key] = fragment
+        if not fragment.served:
+            return fragment
+        bisect.insort(self.served, (fragment.age, key))
+        if fragment.diagnostics:
+            self.problems[("ingress", key)] = fragment.diagnostics
+        for host in fragment.routes:
+            self.by_host.setdefault(host, set()).add(key)
+        for service in fragment.services:
+            self.by_service.setdefault(service, set()).add(key)
+        if fragment.default is not None:
+            self.with_default.add(key)
+        for memo in fragment.memos:
+            self.memo_refs[memo] = self.memo_refs.get(memo, 0) + 1
+        for memo, cluster, keys in self.resolver.created:  # new cache entries
+            if cluster in self.endpoints:  # the same config again (its Service changed)
+                if self.endpoints[cluster] != keys:
+                    self.endpoints[cluster] = keys
+                    delta.endpoints.append((cluster, keys))
             else:
-                self.diagnostics.append(Diagnostic("bad_annotation",
-                    f"Ingress {where}: malformed hash-by {hash_by!r}; using client-ip"
-                ))
-        return name, options
+                self.endpoints[cluster] = keys
+            # A memo starts with its Service's namespace and name (ExternalName ones too).
+            self.memos_of.setdefault((memo[0], memo[1]), set()).add(memo)
+            if cluster.service is not None:  # fed by EndpointSlices
+                self.clusters_of.setdefault(cluster.service, set()).add(cluster)
+        self.resolver.created.clear()
+        return fragment
 
-    def outlier_of(self, where: str, annotations: dict[str, str]) -> OutlierSettings | None:
-        """Per-Ingress outlier settings from edgeproxy.io/outlier-* annotations, if any."""
-        overrides: dict[str, float] = {}
-        for suffix, field_name, kind in OUTLIER_ANNOTATIONS:
-            raw = annotations.get(ANNOTATION_PREFIX + suffix)
-            if raw is None:
-                continue
-            try:
-                value = kind(raw)
-                if value < 0:
-                    raise ValueError
-            except ValueError:
-                self.diagnostics.append(Diagnostic("bad_annotation", f"Ingress {where}: {suffix}={raw!r} is not a number >= 0; ignored"))  # fmt: skip
-                continue
-            overrides[field_name] = value
-        if not overrides:
-            return None
-        return replace(self.outlier_defaults, **overrides)  # type: ignore[arg-type]
+    def _remove(self, key: ObjectKey, fragment: IngressFragment) -> None:
+        del self.fragments[key]
+        if not fragment.served:
+            return
+        self.served.pop(bisect.bisect_left(self.served, (fragment.age, key)))
+        self.problems.pop(("ingress", key), None)
+        for host in fragment.routes:
+            _discard(self.by_host, host, key)
+        for service in fragment.services:
+            _discard(self.by_service, service, key)
+        self.with_default.discard(key)
+        for memo in fragment.memos:
+            self.memo_refs[memo] -= 1
 
-    def cluster(
-        self, where: str, namespace: str, backend: Any, annotations: dict[str, str]
-    ) -> Cluster | None:
-        if not isinstance(backend, dict):
-            self.diagnostics.append(Diagnostic("missing_backend", f"Ingress {where}: backend is missing"))
-            return None
-        service = backend.get("service")
-        if not isinstance(service, dict):
-            if backend.get("resource"):
-                self.diagnostics.append(Diagnostic("unsupported_backend", f"Ingress {where}: resource backends are not supported"))
-            else:
-                self.diagnostics.append(Diagnostic("missing_backend", f"Ingress {where}: backend names no service"))
-            return None
-        svc_name = service.get("name")
-        raw_port = service.get("port")
-        port: dict[str, Any] = raw_port if isinstance(raw_port, dict) else {}
-        port_number, port_name = port.get("number"), port.get("name")
-        svc = self.services.get((namespace, svc_name)) if isinstance(svc_name, str) else None
-        if svc is None or not isinstance(svc_name, str):
-            self.diagnostics.append(Diagnostic("service_not_found",
-                f"Ingress {where}: Service {namespace}/{svc_name} not found; path skipped"
-            ))
-            return None
-        balancer, options = self.balancer_of(where, annotations)
-        backend_tls = annotations.get(ANNOTATION_PREFIX + "backend-protocol", "").upper() == "HTTPS"
-        ca_name = annotations.get(ANNOTATION_PREFIX + "backend-ca-secret")
-        backend_ca = (namespace, ca_name) if backend_tls and ca_name else None
-        server_name = annotations.get(ANNOTATION_PREFIX + "backend-server-name") if backend_ca else None
-        outlier = self.outlier_of(where, annotations)
-        transport = TransportProfile(backend_tls, backend_ca, server_name) if backend_tls else PLAIN
-        memo = (namespace, svc_name, port_number, port_name, balancer,
-                tuple(sorted(options.items())), transport, outlier)  # fmt: skip
-        cached = self.clusters.get(memo)
-        if cached is not None:
-            return cached
-        spec = _spec(svc)
-        svc_ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
-        svc_port = next(
-            (
-                p
-                for p in svc_ports
-                if (port_number is not None and p.get("port") == port_number)
-                or (port_name is not None and p.get("name") == port_name)
-            ),
-            None,
-        )
-        label = f"{namespace}/{svc_name}:{port_number if port_number is not None else port_name}"
-        if spec.get("type") == "ExternalName":
-            target = spec.get("externalName")
-            tport = port_number
-            if svc_port is not None:
-                tp = svc_port.get("targetPort")
-                tport = tp if isinstance(tp, int) else svc_port.get("port")
-            if not isinstance(target, str) or not isinstance(tport, int):
-                self.diagnostics.append(Diagnostic("bad_service", f"Ingress {where}: ExternalName {label} has no name/port"))
-                return None
-            keys: tuple[EndpointKey, ...] = ((target.rstrip("."), tport),)
-            cluster = Cluster(label, keys, balancer, options, transport, target.rstrip("."),
-                              outlier=outlier)  # fmt: skip
-        else:
-            if svc_port is None:
-                self.diagnostics.append(Diagnostic("service_port_not_found",
-                    f"Ingress {where}: Service {namespace}/{svc_name} has no port "
-                    f"{port_number if port_number is not None else port_name!r}; path skipped"
-                ))
-                return None
-            keys = self.endpoints(namespace, svc_name, svc_port)
-            cluster = Cluster(label, keys, balancer, options, transport, outlier=outlier,
-                              service=(namespace, svc_name), port_name=svc_port.get("name") or "")  # fmt: skip
-        self.clusters[memo] = cluster
-        return cluster
+    # -- putting the fragments together -------------------------------------------------
 
-    def endpoints(self, namespace: str, svc_name: str, svc_port: dict[str, Any]) -> tuple[EndpointKey, ...]:  # fmt: skip
-        return resolve_endpoints(self.slices.get((namespace, svc_name), []), namespace,
-                                 svc_port.get("name") or "", self.diagnostics)  # fmt: skip
+    def _settle(self, delta: TableDelta, hosts: set[str], regroup_default: bool,
+                generation: int) -> None:  # fmt: skip
+        before: dict[Cluster, int] = {}  # live counts before, of the clusters touched
+        for host in hosts:
+            self._group(host, before)
+        if regroup_default:
+            self._default(before)
+        delta.hosts, delta.default = hosts, regroup_default
+        for cluster, count in before.items():
+            now = self.live.get(cluster, 0)
+            if now == 0:
+                self.live.pop(cluster, None)
+            if count == 0 and now > 0:
+                delta.added.append(cluster)
+                if cluster.transport.ca_secret is not None:
+                    self.ca_live[cluster] = None
+            elif count > 0 and now == 0:
+                delta.removed.append(cluster)
+                self.ca_live.pop(cluster, None)
+        self._drop_unused()
+        self.generation = generation
 
-
-def resolve_endpoints(
-    slices: list[K8sObject], namespace: str, port_name: str, diagnostics: list[str]
-) -> tuple[EndpointKey, ...]:
-    """Ready endpoints of a Service port; if none, serving-and-terminating ones (KEP-1669)."""
-    ready: list[EndpointKey] = []
-    fallback: list[EndpointKey] = []
-    for eps in slices:
-        where = f"EndpointSlice {namespace}/{_meta(eps).get('name')}"
-        if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-            diagnostics.append(Diagnostic("unsupported_endpoints", f"{where}: addressType {eps.get('addressType')!r} skipped"))
-            continue
-        port = next(
-            (p.get("port") for p in eps.get("ports") or []
-             if isinstance(p, dict) and (p.get("name") or "") == port_name),
-            None,
-        )  # fmt: skip
-        if not isinstance(port, int):
-            continue
-        for ep in eps.get("endpoints") or []:
-            if not isinstance(ep, dict):
-                continue
-            cond = ep.get("conditions") or {}
-            is_ready = cond.get("ready") is not False  # absent counts as ready
-            serving = cond.get("serving", is_ready) is not False
-            terminating = cond.get("terminating") is True
-            for address in ep.get("addresses") or []:
-                if not isinstance(address, str):
+    def _group(self, host: str, before: dict[Cluster, int]) -> None:
+        """The routes on one host: the older Ingress wins a path two of them ask for."""
+        old = self.groups.pop(host, None)
+        if old is not None:
+            self._unroute(old.exact.values(), before)
+            self._unroute(old.prefix.values(), before)
+            self._place(host, None)
+        self.problems.pop(("host", host), None)
+        contributors = self.by_host.get(host)
+        if not contributors:
+            return
+        exact: dict[str, Route] = {}
+        prefix: dict[str, Route] = {}
+        conflicts: list[str] = []
+        for key in sorted(contributors, key=lambda k: self.fragments[k].age):
+            fragment = self.fragments[key]
+            for is_exact, match_key, route in fragment.routes[host]:
+                same_kind = exact if is_exact else prefix
+                held = same_kind.get(match_key)
+                if held is not None:
+                    if held.ingress != fragment.where:
+                        conflicts.append(Diagnostic("conflict",
+                            f"Ingress {fragment.where}: {host or '*'} {route.path} "
+                            f"({'Exact' if is_exact else 'Prefix'}) conflicts with "
+                            f"Ingress {held.ingress}; the older one is kept"
+                        ))  # fmt: skip
                     continue
-                if is_ready and not terminating:
-                    ready.append((address, port))
-                elif serving and terminating:
-                    fallback.append((address, port))
-    return tuple(sorted(set(ready or fallback)))
+                same_kind[match_key] = route
+        group = HostRoutes(MappingProxyType(exact), MappingProxyType(prefix))
+        self.groups[host] = group
+        self._place(host, group)
+        self._route(exact.values(), before)
+        self._route(prefix.values(), before)
+        if conflicts:
+            self.problems[("host", host)] = conflicts
+
+    def _place(self, host: str, group: HostRoutes | None) -> None:
+        """Where a host's group sits in the table: by exact name, by wildcard suffix, or as
+        the host-less group."""
+        if host == "":
+            return  # read from self.groups at publish
+        if host.startswith("*."):
+            hosts, name = self.wildcard_hosts, host[1:]
+        else:
+            hosts, name = self.exact_hosts, host
+        if group is None:
+            hosts.pop(name, None)
+        else:
+            hosts[name] = group
+
+    def _default(self, before: dict[Cluster, int]) -> None:
+        if self.default_route is not None:
+            self._unroute((self.default_route,), before)
+        self.default_route = None
+        conflicts: list[str] = []
+        for key in sorted(self.with_default, key=lambda k: self.fragments[k].age):
+            route = self.fragments[key].default
+            assert route is not None
+            if self.default_route is None:
+                self.default_route = route
+            else:
+                conflicts.append(Diagnostic("conflict",
+                    f"Ingress {route.ingress}: defaultBackend conflicts with "
+                    f"{self.default_route.ingress}'s; the older one is kept"
+                ))  # fmt: skip
+        if self.default_route is not None:
+            self._route((self.default_route,), before)
+        if conflicts:
+            self.problems[("default",)] = conflicts
+        else:
+            self.problems.pop(("default",), None)
+
+    def _route(self, routes: Iterable[Route], before: dict[Cluster, int]) -> None:
+        live = self.live
+        for route in routes:
+            cluster = route.cluster
+            count = live.get(cluster, 0)
+            before.setdefault(cluster, count)
+            live[cluster] = count + 1
+
+    def _unroute(self, routes: Iterable[Route], before: dict[Cluster, int]) -> None:
+        live = self.live
+        for route in routes:
+            cluster = route.cluster
+            count = live[cluster]
+            before.setdefault(cluster, count)
+            live[cluster] = count - 1
+
+    def _drop_unused(self) -> None:
+        """Cache entries no fragment uses, and replaced clusters nobody took again, go."""
+        resolver = self.resolver
+        gone: list[tuple[Memo, Cluster | None]] = []
+        for memo in [memo for memo, refs in self.memo_refs.items() if refs <= 0]:
+            del self.memo_refs[memo]
+            resolver.cluster_diagnostics.pop(memo, None)
+            gone.append((memo, resolver.clusters.pop(memo, None)))
+        gone.extend(resolver.replaced.items())
+        resolver.replaced.clear()
+        if not gone:
+            return
+        held = set(resolver.clusters.values())  # two memos may share a cluster (reused config)
+        for memo, cluster in gone:
+            service = (memo[0], memo[1])
+            if memo not in resolver.clusters:
+                _discard(self.memos_of, service, memo)
+            if cluster is not None and cluster not in held:
+                self.endpoints.pop(cluster, None)
+                _discard(self.clusters_of, service, cluster)
+
+    # -- the result ---------------------------------------------------------------------
+
+    def _publish(self, delta: TableDelta | None, generation: int) -> CompileResult:
+        if delta is None or delta.served:
+            self._served = tuple(self.fragments[key].where for _, key in self.served)
+        if delta is None or delta.tls:
+            self._tls = tuple(b for _, key in self.served for b in self.fragments[key].tls)
+            self._tls_names = frozenset(h for b in self._tls for h in b.hosts)
+        diagnostics = [line for lines in self.problems.values() for line in lines]
+        for lines in self.resolver.cluster_diagnostics.values():
+            diagnostics.extend(lines)
+        table = RouteTable(MappingProxyType(dict(self.exact_hosts)),
+                           MappingProxyType(dict(self.wildcard_hosts)), self.groups.get(""),
+                           self.default_route, self._tls_names, generation)  # fmt: skip
+        return CompileResult(table, self._tls, diagnostics, self._served, self.endpoints,
+                             tuple(self.ca_live), delta)  # fmt: skip
 
 
-def _age_key(item: tuple[Any, K8sObject]) -> tuple[str, str, str]:
-    (_, ns, name), obj = item
-    return (str(_meta(obj).get("creationTimestamp") or ""), ns, name)
-
-
-# An Exact or Prefix path is a literal absolute path (RFC 3986 3.3): pchars and "/", with
-# percent escapes. Never regex syntax (ingress-nginx's strict path validation refuses it too;
-# a path meant as a regex would otherwise match only itself), no control characters or
-# spaces, no empty or dot segments (requests are normalized, so those would never match).
-LITERAL_PATH_RE = re.compile(r"^(/(?:[A-Za-z0-9\-._~!&',;=:@]|%[0-9A-Fa-f]{2})*)+$|^/$")
-DOT_SEGMENT_RE = re.compile(r"//|/\.\.?(?:/|$)")
-
-
-def _valid_path(path: Any) -> bool:
-    return (isinstance(path, str) and len(path) <= 4096 and LITERAL_PATH_RE.match(path) is not None
-            and DOT_SEGMENT_RE.search(path) is None)  # fmt: skip
+def _discard(index: dict[Any, set[Any]], key: Any, member: Any) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]
 
 
 def compile_routes(
@@ -311,134 +440,7 @@ def compile_routes(
     default_balancer: str = "round_robin",
     outlier: OutlierSettings | None = None,
 ) -> CompileResult:
-    classes, default = served_classes(snapshot, only_class)
-    resolver = _Resolver(snapshot, balancers, default_balancer, outlier or OutlierSettings())
-    diagnostics = resolver.diagnostics
-    groups: dict[str, tuple[dict[str, Route], dict[str, Route]]] = {}
-    default_route: Route | None = None
-    tls: list[TlsBinding] = []
-    served: list[str] = []
-
-    ingresses = sorted(snapshot.of_kind("Ingress"), key=_age_key)
-    for (_, ns, name), ing in ingresses:
-        if not is_served(ing, classes, default):
-            continue
-        where = f"{ns}/{name}"
-        served.append(where)
-        spec = _spec(ing)
-        ann = _annotations(ing)
-        tls_hosts = _tls(spec, ns, where, tls, diagnostics)
-        ssl_redirect = ann.get(ANNOTATION_PREFIX + "ssl-redirect", "true").lower() != "false"
-        hsts = _hsts(ann.get(ANNOTATION_PREFIX + "hsts"))
-        if spec.get("defaultBackend") is not None:
-            cluster = resolver.cluster(where, ns, spec["defaultBackend"], ann)
-            if cluster is not None:
-                if default_route is None:
-                    default_route = Route(where, "", "/", "Prefix", cluster)
-                else:
-                    diagnostics.append(Diagnostic("conflict",
-                        f"Ingress {where}: defaultBackend conflicts with {default_route.ingress}'s;"
-                        " the older one is kept"
-                    ))
-        for rule in spec.get("rules") or []:
-            if not isinstance(rule, dict):
-                continue
-            host = rule.get("host") or ""
-            if not isinstance(host, str) or (host and not HOST_RE.match(host.lower())):
-                diagnostics.append(Diagnostic("invalid_host", f"Ingress {where}: invalid host {host!r}; rule skipped"))
-                continue
-            host = host.lower()
-            http = rule.get("http") or {}
-            for entry in http.get("paths") or [] if isinstance(http, dict) else []:
-                if not isinstance(entry, dict):
-                    continue
-                path = entry.get("path") or "/"
-                path_type = entry.get("pathType") or "ImplementationSpecific"
-                if path_type not in PATH_TYPES or not _valid_path(path):
-                    diagnostics.append(Diagnostic("invalid_path",
-                        f"Ingress {where}: invalid path {path!r} ({path_type}); path skipped"
-                    ))
-                    continue
-                cluster = resolver.cluster(where, ns, entry.get("backend"), ann)
-                if cluster is None:
-                    continue
-                # ImplementationSpecific is matched as Prefix (documented in README).
-                kind = "Exact" if path_type == "Exact" else "Prefix"
-                route = Route(
-                    where, host, path, path_type, cluster,
-                    ssl_redirect=ssl_redirect and _covered(host, tls_hosts),
-                    hsts=hsts,
-                )  # fmt: skip
-                exact, prefix = groups.setdefault(host, ({}, {}))
-                same_kind, key = (exact, path) if kind == "Exact" else (prefix, _prefix_key(path))
-                held = same_kind.get(key)
-                if held is not None:
-                    if held.ingress != where:
-                        diagnostics.append(Diagnostic("conflict",
-                            f"Ingress {where}: {host or '*'} {path} ({kind}) conflicts with "
-                            f"Ingress {held.ingress}; the older one is kept"
-                        ))
-                    continue
-                same_kind[key] = route
-
-    exact_hosts: dict[str, HostRoutes] = {}
-    wildcard_hosts: dict[str, HostRoutes] = {}
-    any_host = None
-    for host, (exact, prefix) in groups.items():
-        hr = HostRoutes(MappingProxyType(exact), MappingProxyType(prefix))
-        if host == "":
-            any_host = hr
-        elif host.startswith("*."):
-            wildcard_hosts[host[1:]] = hr
-        else:
-            exact_hosts[host] = hr
-    tls_names = frozenset(h for b in tls for h in b.hosts)
-    by_service: dict[tuple[str, str], list[Cluster]] = {}
-    for cluster in resolver.clusters.values():
-        if cluster.service is not None:
-            by_service.setdefault(cluster.service, []).append(cluster)
-    table = RouteTable(
-        MappingProxyType(exact_hosts),
-        MappingProxyType(wildcard_hosts),
-        any_host,
-        default_route,
-        tls_names,
-        snapshot.generation,
-        MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
-    )
-    return CompileResult(table, tuple(tls), diagnostics, tuple(served))
-
-
-def _hsts(value: str | None) -> bytes | None:
-    """edgeproxy.io/hsts: "true" for a year, or the Strict-Transport-Security value itself."""
-    if value is None or value.lower() == "false":
-        return None
-    if value.lower() == "true":
-        value = "max-age=31536000"
-    return b"Strict-Transport-Security: " + value.encode("latin-1", "replace") + b"\r\n"
-
-
-def _prefix_key(path: str) -> str:
-    stripped = path.rstrip("/")
-    return stripped or "/"
-
-
-def _covered(host: str, tls_hosts: Iterable[str]) -> bool:
-    return bool(host) and host in tls_hosts
-
-
-def _tls(
-    spec: dict[str, Any], ns: str, where: str, out: list[TlsBinding], diagnostics: list[str]
-) -> set[str]:
-    hosts_here: set[str] = set()
-    for entry in spec.get("tls") or []:
-        if not isinstance(entry, dict):
-            continue
-        hosts = tuple(h.lower() for h in entry.get("hosts") or [] if isinstance(h, str))
-        secret = entry.get("secretName")
-        hosts_here.update(hosts)
-        if not secret:
-            diagnostics.append(Diagnostic("missing_tls_secret", f"Ingress {where}: tls entry without secretName uses the default"))
-            continue
-        out.append(TlsBinding(hosts, (ns, secret), where))
-    return hosts_here
+    """The whole table from a snapshot (explain, tests, benchmarks)."""
+    compiler = RouteCompiler(SnapshotSource(snapshot), only_class=only_class, balancers=balancers,
+                             default_balancer=default_balancer, outlier=outlier)  # fmt: skip
+    return compiler.build(snapshot.generation)

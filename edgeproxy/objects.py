@@ -6,7 +6,7 @@ touch the route table. A consumer takes an immutable `Snapshot` and compiles it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -82,6 +82,7 @@ class ObjectStore:
         # which Services (namespace, name) they belong to, before and after the change.
         self._changed_kinds: set[str] = set()
         self._changed_services: set[tuple[str, str]] = set()
+        self._changed_keys: set[ObjectKey] = set()  # of the other kinds
 
     @property
     def generation(self) -> int:
@@ -125,6 +126,9 @@ class ObjectStore:
     def get(self, key: ObjectKey) -> K8sObject | None:
         return self._kinds[key[0]].get(key)
 
+    def of_kind(self, kind: str) -> Iterable[tuple[ObjectKey, K8sObject]]:
+        return self._kinds[kind].items()
+
     def count(self, kind: str) -> int:
         return len(self._kinds[kind])
 
@@ -147,7 +151,9 @@ class ObjectStore:
         else:
             kind[key] = after
         self._changed_kinds.add(key[0])
-        if key[0] == "EndpointSlice":
+        if key[0] != "EndpointSlice":
+            self._changed_keys.add(key)
+        else:
             for obj, present in ((before, False), (after, True)):
                 service = service_label(obj)
                 if service is None:
@@ -161,11 +167,17 @@ class ObjectStore:
                     if not group:
                         del self._slices[(key[1], service)]
 
-    def take_changes(self) -> tuple[set[str], set[tuple[str, str]]]:
-        """(kinds changed, Services whose EndpointSlices changed) since the last call."""
-        changes = (self._changed_kinds, self._changed_services)
-        self._changed_kinds, self._changed_services = set(), set()
+    def take_changes(self) -> tuple[set[str], set[tuple[str, str]], set[ObjectKey]]:
+        """(kinds changed, Services whose EndpointSlices changed, the other objects changed)
+        since the last call."""
+        changes = (self._changed_kinds, self._changed_services, self._changed_keys)
+        self._changed_kinds, self._changed_services, self._changed_keys = set(), set(), set()
         return changes
+
+    def view(self) -> Snapshot:
+        """The live objects as a Snapshot, without copying (for readers on the loop that are
+        done before the next change: certificates, status)."""
+        return Snapshot(_LiveObjects(self._kinds), self._generation, MappingProxyType(self._kinds))
 
     def snapshot(self) -> Snapshot:
         """A copy that later changes do not reach (one dict copy per kind, in C)."""
@@ -180,3 +192,23 @@ class ObjectStore:
         self._generation += 1
         for listener in self._listeners:
             listener()
+
+
+class _LiveObjects(Mapping[ObjectKey, K8sObject]):
+    """Every kind's live dict as one mapping by key (ObjectStore.view)."""
+
+    def __init__(self, kinds: dict[str, dict[ObjectKey, K8sObject]]) -> None:
+        self.kinds = kinds
+
+    def __getitem__(self, key: ObjectKey) -> K8sObject:
+        objects = self.kinds.get(key[0])
+        if objects is None:
+            raise KeyError(key)
+        return objects[key]
+
+    def __iter__(self) -> Iterator[ObjectKey]:
+        for objects in self.kinds.values():
+            yield from objects
+
+    def __len__(self) -> int:
+        return sum(len(objects) for objects in self.kinds.values())

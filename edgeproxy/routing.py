@@ -49,6 +49,11 @@ class Cluster:
     service: tuple[str, str] | None = None  # (namespace, name) whose EndpointSlices feed keys
     port_name: str = ""
 
+    def config(self) -> tuple[Any, ...]:
+        """All but the endpoints: two clusters with the same config are the same to a worker."""
+        return (self.name, self.balancer_name, tuple(sorted(self.balancer_options.items())),
+                self.transport, self.external_name, self.outlier, self.service, self.port_name)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -95,10 +100,6 @@ class RouteTable:
     default_route: Route | None
     tls_hosts: frozenset[str] = frozenset()
     generation: int = 0
-    # Like Envoy's EDS: an EndpointSlice change replaces these clusters' endpoints in place.
-    clusters_by_service: Mapping[tuple[str, str], tuple[Cluster, ...]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
 
     def lookup(self, host: str, path: str) -> Route | None:
         """Most specific host group first (exact, wildcard, host-less); then its longest path."""

@@ -45,7 +45,7 @@ from edgeproxy.listeners import (
 from edgeproxy.metrics import PodMetrics, WorkerTotals
 from edgeproxy.objects import ObjectStore
 from edgeproxy.pipeline import EndpointChanges, RoutePipeline
-from edgeproxy.tablesync import TableSender
+from edgeproxy.tablesync import Keys, TableSender
 from edgeproxy.tls import (
     TICKET_KEY_BYTES,
     BadCertificate,
@@ -162,8 +162,11 @@ class Supervisor:
     # -- Publisher (pipeline.py): tables and endpoints to every worker ------------------------
 
     def publish(self, result: CompileResult) -> None:
-        message = self.sender.update(result.table)
+        message = self.sender.update(result.table, result.delta, result.endpoints)
         self.broadcast(message)
+        if self.sender.key_changes is not None:  # an update: the index follows its changes
+            self._reindex(self.sender.key_changes)
+            return
         index: dict[EndpointKey, set[int]] = {}
         for cid, keys in self.sender.keys.items():
             for key in keys:
@@ -175,17 +178,21 @@ class Supervisor:
 
     def refresh_endpoints(self, changes: EndpointChanges) -> None:
         """An EndpointSlice event: costs the clusters it changed, not the table."""
-        before = {cid: self.sender.keys.get(cid, ()) for cid in
-                  (self.sender.cids.get(c) for c, _ in changes) if cid is not None}  # fmt: skip
         message = self.sender.refresh(changes, self.store.generation)
         self.broadcast(message)
+        assert self.sender.key_changes is not None
+        self._reindex(self.sender.key_changes)
+
+    def _reindex(self, changes: list[tuple[int, Keys, Keys]]) -> None:
+        """Endpoint -> clusters listing it, after these (cid, before, after) changes; an
+        endpoint no cluster lists any more loses its pod-wide health state."""
         index = self.key_cids
-        gone = []
-        for cid, old in before.items():
-            new = self.sender.keys.get(cid, ())
+        for cid, old, new in changes:  # additions first: a key moving between clusters stays
             for key in set(new) - set(old):
                 index.setdefault(key, set()).add(cid)
                 self.registry.get(key)
+        gone = []
+        for cid, old, new in changes:
             for key in set(old) - set(new):
                 cids = index.get(key)
                 if cids is not None:
@@ -202,12 +209,14 @@ class Supervisor:
                 worker.channel.send_frame(data)
 
     def _certificates_changed(self, result: CompileResult) -> None:
-        snapshot = self.store.snapshot()
+        if not result.touches_certificates():
+            return
+        snapshot = self.store.view()
         reading = self._reading()
         self.certificates.reading = reading
         self.certificates.update(snapshot, result.tls)
         by_ca: dict[tuple[str, str], Any] = {}  # backend CA Secret -> one cluster naming it
-        for cluster in result.table.clusters():
+        for cluster in result.ca_clusters:
             if cluster.transport.ca_secret is not None:
                 by_ca.setdefault(cluster.transport.ca_secret, cluster)
         for ref, cluster in by_ca.items():  # a missing or bad CA is reported here, once
@@ -223,7 +232,9 @@ class Supervisor:
         """The ticket key Secret, read again at each publish; a new key goes to every worker.
         Tickets made with the old key then get a full handshake, never a failed one."""
         ns, _, name = (self.ticket_secret or "").partition("/")
-        secret = self.store.snapshot().objects.get(("Secret", ns, name))
+        if result.delta is not None and (ns, name) not in result.delta.secrets:
+            return
+        secret = self.store.get(("Secret", ns, name))
         label = f"Secret {ns}/{name} (--tls-ticket-key-secret)"
         problem = ""
         if secret is None:
@@ -442,7 +453,8 @@ class Supervisor:
                 more_secrets=[args.tls_ticket_key_secret] if args.tls_ticket_key_secret else [],
             )  # fmt: skip
             # Before the certificates' turn: a Secret being read is not reported missing.
-            self.pipeline.on_published.insert(0, lambda r: kube.references_changed(r.secrets()))
+            self.pipeline.on_published.insert(0, lambda r: kube.references_changed(r.secrets())
+                                              if r.touches_certificates() else None)  # fmt: skip
             self.sources_listed.append(False)
 
             def listed() -> None:
@@ -462,7 +474,8 @@ class Supervisor:
                               publish_service=self.args.publish_service,
                               publish_pods=self.args.publish_pods,
                               lease_namespace=self.args.lease_namespace)  # fmt: skip
-        self.pipeline.on_published.append(lambda r: writer.published(r.served_ingresses))
+        self.pipeline.on_published.append(lambda r: writer.published(r.served_ingresses)
+                                          if r.delta is None or r.delta.served else None)  # fmt: skip
         if self.pipeline.last is not None:
             writer.published(self.pipeline.last.served_ingresses)
         await writer.run()

@@ -14,19 +14,21 @@ crosses the process boundary is what changed since the last message, not the tab
 
 Routes are pickled with clusters as persistent ids, resolved by the worker to its own Cluster
 objects. A worker that (re)starts gets the whole state once (`TableSender.full`).
-Cost: the supervisor signs every host group per compile (O(table), beside the compile itself);
-a worker's apply costs one dict copy per host kind plus what changed.
+Cost: after a full build the supervisor signs every host group (O(table), beside the build);
+after an update (compile.TableDelta) only the groups and clusters it touched. A worker's
+apply costs one dict copy per host kind plus what changed.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
+from edgeproxy.compile import TableDelta
 from edgeproxy.hosts import EndpointKey
 from edgeproxy.routing import Cluster, HostRoutes, Route, RouteTable
 
@@ -38,13 +40,6 @@ Keys = tuple[EndpointKey, ...]
 
 def _frozen(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
     return MappingProxyType(mapping)
-
-
-def cluster_signature(cluster: Cluster) -> tuple[Any, ...]:
-    """What makes two compiled clusters the same to a worker: all but the endpoints."""
-    return (cluster.name, cluster.balancer_name, tuple(sorted(cluster.balancer_options.items())),
-            cluster.transport, cluster.external_name, cluster.outlier, cluster.service,
-            cluster.port_name)  # fmt: skip
 
 
 class _Pickler(pickle.Pickler):
@@ -72,6 +67,24 @@ class _Unpickler(pickle.Unpickler):
         return self.clusters[pid]
 
 
+def group_key(host: str) -> GroupKey:
+    """The group a compiled host's routes travel as ("" is the host-less group)."""
+    if host == "":
+        return (ANY, "")
+    if host.startswith("*."):
+        return (WILDCARD, host[1:])
+    return (EXACT, host)
+
+
+def _group(table: RouteTable, key: GroupKey) -> HostRoutes | Route | None:
+    kind, host = key
+    if kind == EXACT:
+        return table.exact_hosts.get(host)
+    if kind == WILDCARD:
+        return table.wildcard_hosts.get(host)
+    return table.any_host if kind == ANY else table.default_route
+
+
 def _groups(table: RouteTable) -> dict[GroupKey, HostRoutes | Route]:
     groups: dict[GroupKey, HostRoutes | Route] = {}
     for host, hr in table.exact_hosts.items():
@@ -92,8 +105,11 @@ class TableSender:
         self._next_cid = 0
         self._cid_by_signature: dict[tuple[Any, ...], int] = {}
         self.cids: dict[Cluster, int] = {}  # the current table's cluster objects -> cid
+        self.cid_refs: dict[int, int] = {}  # cid -> cluster objects of the table that have it
         self.clusters: dict[int, Cluster] = {}  # cid -> definition as the workers hold it
         self.keys: dict[int, Keys] = {}  # cid -> endpoints as the workers hold them
+        # (cid, endpoints before, after) of the last update or refresh; None after a full one.
+        self.key_changes: list[tuple[int, Keys, Keys]] | None = None
         self._signatures: dict[GroupKey, int] = {}
         self._groups: dict[GroupKey, HostRoutes | Route] = {}
         self.tls_hosts: frozenset[str] = frozenset()
@@ -110,43 +126,121 @@ class TableSender:
         return (tuple((p, sign(r)) for p, r in group.exact.items()),
                 tuple((p, sign(r)) for p, r in group.prefix.items()))  # fmt: skip
 
-    def update(self, table: RouteTable) -> tuple[Any, ...]:
-        """The message that brings workers from the last table to this one."""
+    def update(self, table: RouteTable, delta: TableDelta | None,
+               current: Mapping[Cluster, Keys]) -> tuple[Any, ...]:  # fmt: skip
+        """The message that brings workers from the last table to this one. `current`: each
+        cluster's endpoints now (a cluster's own keys are those it was compiled with)."""
+        if delta is not None:
+            return self._update(table, delta, current)
+        self.key_changes = None
         cids: dict[Cluster, int] = {}
+        refs: dict[int, int] = {}
         defines: list[tuple[int, Cluster]] = []
         endpoints: list[tuple[int, Keys]] = []
         for cluster in table.clusters():
-            signature = cluster_signature(cluster)
+            keys = current.get(cluster, cluster.keys)
+            signature = cluster.config()
             cid = self._cid_by_signature.get(signature)
             if cid is None:
-                cid = self._cid_by_signature[signature] = self._next_cid
-                self._next_cid += 1
-                self.clusters[cid] = cluster
-                self.keys[cid] = cluster.keys
-                defines.append((cid, cluster))
-            elif self.keys[cid] != cluster.keys:
-                self.keys[cid] = cluster.keys
-                endpoints.append((cid, cluster.keys))
+                cid = self._define(cluster, keys, defines)
+            elif self.keys[cid] != keys:
+                self.keys[cid] = keys
+                endpoints.append((cid, keys))
             cids[cluster] = cid
-        self.cids = cids
-        live = set(cids.values())
-        undefines = [cid for cid in self.clusters if cid not in live]
+            refs[cid] = refs.get(cid, 0) + 1
+        self.cids, self.cid_refs = cids, refs
+        undefines = [cid for cid in self.clusters if cid not in refs]
         for cid in undefines:
-            del self._cid_by_signature[cluster_signature(self.clusters.pop(cid))]
-            del self.keys[cid]
-
+            self._undefine(cid)
         groups = _groups(table)
+        changes = self._sign(groups.items())
+        changes.extend((key, None) for key in self._signatures if key not in groups)
+        for key, _ in changes:
+            if key not in groups:
+                del self._signatures[key]
+        self._groups = groups
+        return self._message(table, defines, undefines, endpoints, changes)
+
+    def _update(self, table: RouteTable, delta: TableDelta,
+                current: Mapping[Cluster, Keys]) -> tuple[Any, ...]:  # fmt: skip
+        """After compile.RouteCompiler.update: only what the delta names."""
+        key_changes: list[tuple[int, Keys, Keys]] = []
+        defines: list[tuple[int, Cluster]] = []
+        endpoints: list[tuple[int, Keys]] = []
+        undefines: list[int] = []
+        for cluster in delta.added:  # before the removed: a replacement keeps its cid
+            keys = current.get(cluster, cluster.keys)
+            cid = self._cid_by_signature.get(cluster.config())
+            if cid is None:
+                cid = self._define(cluster, keys, defines)
+                key_changes.append((cid, (), keys))
+            else:
+                self.cid_refs[cid] += 1
+                if self.keys[cid] != keys:
+                    key_changes.append((cid, self.keys[cid], keys))
+                    self.keys[cid] = keys
+                    endpoints.append((cid, keys))
+            self.cids[cluster] = cid
+        for cluster in delta.removed:
+            cid = self.cids.pop(cluster)
+            self.cid_refs[cid] -= 1
+            if self.cid_refs[cid] == 0:
+                key_changes.append((cid, self.keys[cid], ()))
+                self._undefine(cid)
+                undefines.append(cid)
+        for cluster, keys in delta.endpoints:
+            cid = self.cids.get(cluster)
+            if cid is not None and self.keys[cid] != keys:
+                key_changes.append((cid, self.keys[cid], keys))
+                self.keys[cid] = keys
+                endpoints.append((cid, keys))
+        touched = [group_key(host) for host in delta.hosts]
+        if delta.default:
+            touched.append((DEFAULT, ""))
+        groups = [(key, _group(table, key)) for key in touched]
+        changes = self._sign([(key, group) for key, group in groups if group is not None])
+        for key, group in groups:
+            if group is None:
+                self._groups.pop(key, None)
+                if self._signatures.pop(key, None) is not None:
+                    changes.append((key, None))
+            else:
+                self._groups[key] = group
+        self.key_changes = key_changes
+        return self._message(table, defines, undefines, endpoints, changes)
+
+    def _define(self, cluster: Cluster, keys: Keys, defines: list[tuple[int, Cluster]]) -> int:
+        cid = self._cid_by_signature[cluster.config()] = self._next_cid
+        self._next_cid += 1
+        self.clusters[cid] = cluster
+        self.keys[cid] = keys
+        self.cid_refs[cid] = 1
+        defines.append((cid, cluster if keys == cluster.keys else replace(cluster, keys=keys)))
+        return cid
+
+    def _undefine(self, cid: int) -> None:
+        del self._cid_by_signature[self.clusters.pop(cid).config()]
+        del self.keys[cid]
+        self.cid_refs.pop(cid, None)
+
+    def _sign(self, groups: Iterable[tuple[GroupKey, HostRoutes | Route]]
+              ) -> list[tuple[GroupKey, HostRoutes | Route | None]]:  # fmt: skip
+        """The groups whose routes differ from what the workers hold."""
         changes: list[tuple[GroupKey, HostRoutes | Route | None]] = []
-        signatures: dict[GroupKey, int] = {}
-        for key, group in groups.items():
+        signatures = self._signatures
+        for key, group in groups:
             # Kept as a hash, not the tuple: one int per host instead of a copy of its routes
             # (the supervisor's memory per Ingress). Hashes are salted per process (SipHash for
             # the strings in it), so a collision cannot be aimed at; by chance it is ~2**-64.
-            digest = signatures[key] = hash(self._group_signature(group))
-            if self._signatures.get(key) != digest:
+            digest = hash(self._group_signature(group))
+            if signatures.get(key) != digest:
+                signatures[key] = digest
                 changes.append((key, group))
-        changes.extend((key, None) for key in self._signatures if key not in groups)
-        self._signatures, self._groups = signatures, groups
+        return changes
+
+    def _message(self, table: RouteTable, defines: list[tuple[int, Cluster]], undefines: list[int],
+                 endpoints: list[tuple[int, Keys]],
+                 changes: list[tuple[GroupKey, HostRoutes | Route | None]]) -> tuple[Any, ...]:  # fmt: skip
         tls_hosts = table.tls_hosts if table.tls_hosts != self.tls_hosts else None
         self.tls_hosts = table.tls_hosts
         self.generation = table.generation
@@ -158,11 +252,14 @@ class TableSender:
     def refresh(self, changes: list[tuple[Cluster, Keys]], generation: int) -> tuple[Any, ...]:
         """An EndpointSlice-only change: new endpoints for live clusters."""
         endpoints = []
+        key_changes = []
         for cluster, keys in changes:
             cid = self.cids.get(cluster)
             if cid is not None and self.keys[cid] != keys:
+                key_changes.append((cid, self.keys[cid], keys))
                 self.keys[cid] = keys
                 endpoints.append((cid, keys))
+        self.key_changes = key_changes
         self.generation = generation
         return ("endpoints", generation, endpoints)
 

@@ -14,7 +14,7 @@ import asyncio
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgeproxy.config import Settings
@@ -103,10 +103,13 @@ class Dataplane:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish(self, table: RouteTable) -> None:
-        """Bind the new table's clusters, then swap table and bindings in together."""
+    def publish(self, table: RouteTable,
+                endpoints: Mapping[Cluster, tuple[EndpointKey, ...]] | None = None) -> None:  # fmt: skip
+        """Bind the new table's clusters (with their current endpoints, when the compiler
+        keeps them apart), then swap table and bindings in together."""
         contexts: dict[TransportProfile, ssl.SSLContext | None] = {}
-        bindings = {c: self._bind(c, c.keys, contexts) for c in table.clusters()}
+        current = endpoints or {}
+        bindings = {c: self._bind(c, current.get(c, c.keys), contexts) for c in table.clusters()}
         self.table = table
         self.bindings = bindings
         self.route_memo = {}
