@@ -226,7 +226,16 @@ def summary(latencies: list[float]) -> str:
 
 async def stall(args: argparse.Namespace, api: FakeApiServer, proxy: EdgeProxy, port: int) -> None:
     """The data plane's latency while the control plane churns (Ingresses and EndpointSlices)."""
+    assert proxy.proc is not None
+    routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
+    pids = [proxy.proc.pid] + [w["pid"] for w in routes["workers"]]
+
+    def cpu() -> list[float]:
+        return [cpu_seconds(p) for p in pids]
+
+    before = cpu()
     idle = await steady(proxy, args.stall_rate, args.stall_seconds)
+    idle_cpu = [b - a for a, b in zip(before, cpu())]
     done = asyncio.Event()
 
     async def churn() -> int:
@@ -243,14 +252,20 @@ async def stall(args: argparse.Namespace, api: FakeApiServer, proxy: EdgeProxy, 
             await asyncio.sleep(1 / args.churn_rate)
         return events
 
+    before = cpu()
     churner = asyncio.create_task(churn())
     busy = await steady(proxy, args.stall_rate, args.stall_seconds)
     done.set()
     events = await churner
+    busy_cpu = [b - a for a, b in zip(before, cpu())]
     p99 = lambda xs: xs[max(0, int(len(xs) * 0.99) - 1)]  # noqa: E731
     print(f"steady client, idle: {summary(idle)}")
     print(f"steady client, {events} Ingress+EndpointSlice events at {args.churn_rate:.0f}/s: "
           f"{summary(busy)}; p99 +{p99(busy) - p99(idle):.2f} ms")  # fmt: skip
+    extra = busy_cpu[0] - idle_cpu[0], sum(busy_cpu[1:]) - sum(idle_cpu[1:])
+    print(f"CPU for the churn (busy minus idle): supervisor {extra[0] * 1000 / events:.2f} ms per event "
+          f"({extra[0] / args.stall_seconds * 100:.0f}% of a core), workers "
+          f"{extra[1] * 1000 / events:.2f} ms per event")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ class RouteCompiler:
         # The table's host groups as RouteTable holds them (copied, in C, per update).
         self.exact_hosts: dict[str, HostRoutes] = {}
         self.wildcard_hosts: dict[str, HostRoutes] = {}  # by suffix with its dot
+        self._holes = 0  # hosts removed since those dicts were last compacted
+        self._unused: set[Memo] = set()  # cache entries whose fragment count fell to 0
         self.default_route: Route | None = None
         # Non-empty diagnostics by where they come from: ("ingress", key), ("host", host),
         # ("default",); the clusters' own are in resolver.cluster_diagnostics.
@@ -272,6 +274,8 @@ class RouteCompiler:
         self.with_default.discard(key)
         for memo in fragment.memos:
             self.memo_refs[memo] -= 1
+            if self.memo_refs[memo] <= 0:
+                self._unused.add(memo)
 
     # -- putting the fragments together -------------------------------------------------
 
@@ -303,10 +307,11 @@ class RouteCompiler:
         if old is not None:
             self._unroute(old.exact.values(), before)
             self._unroute(old.prefix.values(), before)
-            self._place(host, None)
         self.problems.pop(("host", host), None)
         contributors = self.by_host.get(host)
         if not contributors:
+            if old is not None:
+                self._place(host, None)
             return
         exact: dict[str, Route] = {}
         prefix: dict[str, Route] = {}
@@ -335,7 +340,9 @@ class RouteCompiler:
 
     def _place(self, host: str, group: HostRoutes | None) -> None:
         """Where a host's group sits in the table: by exact name, by wildcard suffix, or as
-        the host-less group."""
+        the host-less group. A group replaced keeps its slot: a dict without deleted slots is
+        copied by memcpy (RouteTable gets a copy per update: 0.04 ms at 10,000 hosts, against
+        0.33 ms for one with holes)."""
         if host == "":
             return  # read from self.groups at publish
         if host.startswith("*."):
@@ -344,6 +351,13 @@ class RouteCompiler:
             hosts, name = self.exact_hosts, host
         if group is None:
             hosts.pop(name, None)
+            self._holes += 1
+            if self._holes > len(hosts) // 4:  # compact it (once) before copies slow down
+                self._holes = 0
+                if hosts is self.exact_hosts:
+                    self.exact_hosts = dict(hosts)
+                else:
+                    self.wildcard_hosts = dict(hosts)
         else:
             hosts[name] = group
 
@@ -389,8 +403,9 @@ class RouteCompiler:
         """Cache entries no fragment uses, and replaced clusters nobody took again, go."""
         resolver = self.resolver
         gone: list[tuple[Memo, Cluster | None]] = []
-        for memo in [memo for memo, refs in self.memo_refs.items() if refs <= 0]:
-            del self.memo_refs[memo]
+        unused, self._unused = self._unused, set()
+        for memo in [memo for memo in unused if self.memo_refs.get(memo, 0) <= 0]:
+            self.memo_refs.pop(memo, None)
             resolver.cluster_diagnostics.pop(memo, None)
             gone.append((memo, resolver.clusters.pop(memo, None)))
         gone.extend(resolver.replaced.items())

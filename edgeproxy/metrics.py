@@ -193,7 +193,7 @@ class WorkerCollector(Collector):
         now = sup.loop.time()
         states = sup.registry.states
         per_service: dict[tuple[str, str], list[int]] = {}
-        for cluster, keys in sup.pipeline.endpoints.items():
+        for cluster, keys in sup.pipeline.routed():
             if cluster.service is None:
                 continue
             counts = per_service.setdefault(cluster.service, [0, 0])

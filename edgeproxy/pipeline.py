@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from edgeproxy.compile import CompileResult, RouteCompiler, SnapshotSource
@@ -97,11 +98,15 @@ class RoutePipeline:
 
     @property
     def endpoints(self) -> Mapping[Cluster, tuple[EndpointKey, ...]]:
-        """Each routed cluster's endpoints as last published (the table is never written)."""
+        """Each cluster's endpoints as last published (the table is never written)."""
+        return MappingProxyType(self.compiler.endpoints) if self.compiler is not None else {}
+
+    def routed(self) -> list[tuple[Cluster, tuple[EndpointKey, ...]]]:
+        """(cluster, endpoints) of each cluster the table routes to."""
         compiler = self.compiler
         if compiler is None:
-            return {}
-        return {c: compiler.endpoints.get(c, c.keys) for c in compiler.live}
+            return []
+        return [(c, compiler.endpoints.get(c, c.keys)) for c in compiler.live]
 
     def changed(self) -> None:
         if not self._scheduled:

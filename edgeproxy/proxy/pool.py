@@ -39,6 +39,9 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.max_head = max_head  # bytes of a response head (502 beyond)
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        # The profiles each endpoint has a list for: forget() costs the endpoints it is
+        # given, not the pool (an EndpointSlice event with 20,000 endpoints in the table).
+        self.profiles: dict[EndpointKey, list[TransportProfile]] = {}
         self.connects = 0
 
     def idle_list(self, key: EndpointKey, profile: TransportProfile) -> list[UpstreamConnection]:
@@ -47,6 +50,7 @@ class UpstreamPool:
         idle = self.idle.get((key, profile))
         if idle is None:
             idle = self.idle[(key, profile)] = []
+            self.profiles.setdefault(key, []).append(profile)
         return idle
 
 
@@ -98,17 +102,12 @@ class UpstreamPool:
     def retain(self, live: Iterable[EndpointKey]) -> None:
         """Close the idle connections of endpoints no live table refers to."""
         keep = set(live)
-        for key in [k for k in self.idle if k[0] not in keep]:
-            idle = self.idle.pop(key)
-            for conn in idle:
-                conn.close()
-            idle.clear()
+        self.forget([key for key in self.profiles if key not in keep])
 
     def forget(self, keys: Iterable[EndpointKey]) -> None:
         """Close the idle connections of these endpoints, whatever their profile."""
-        profiles = {k[1] for k in self.idle}
         for key in keys:
-            for profile in profiles:
+            for profile in self.profiles.pop(key, ()):
                 idle = self.idle.pop((key, profile), None)
                 if idle is not None:
                     for conn in idle:
