@@ -14,7 +14,9 @@
    supervisor (the control plane) and the workers (the data plane) apart.
 3. Stall (--stall): a steady client (--stall-rate requests per second, one at a time) measures
    its latency idle, then while Ingresses and EndpointSlices churn at --churn-rate events per
-   second (half each); p50/p99/max of both, and the difference of the p99s.
+   second (half each); p50/p99/max of both, and the difference of the p99s. The client and its
+   backend run in a process of their own, so that what this process does for the churn (the
+   API server emulator encoding events) is not counted as edgeproxy's latency.
 
     python benchmarks/convergence.py [--changes 200] [--ingresses 1000] [--churn-rate 50]
                                      [--workers 2] [--stall]
@@ -84,7 +86,11 @@ async def main() -> int:
     parser.add_argument("--stall", action="store_true")
     parser.add_argument("--stall-rate", type=float, default=200.0)
     parser.add_argument("--stall-seconds", type=float, default=10.0)
+    parser.add_argument("--steady-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steady_child:
+        await steady_child()
+        return 0
     global ENDPOINTS
     ENDPOINTS = args.endpoints
     loop = asyncio.get_running_loop()
@@ -200,16 +206,17 @@ async def main() -> int:
     return 0
 
 
-async def steady(proxy: EdgeProxy, rate: float, seconds: float) -> list[float]:
+async def steady(port: int, rate: float, seconds: float) -> list[float]:
     """One client, one request at a time, paced at `rate`: its latencies in ms."""
     loop = asyncio.get_running_loop()
-    client = await Client.connect(proxy.http)
+    client = await Client.connect(port)
     latencies = []
     started = loop.time()
     n = 0
     while loop.time() - started < seconds:
         t0 = time.perf_counter()
-        await client.request("GET", "/", host="site.example.com")
+        resp = await client.request("GET", "/", host="steady.example.com")
+        assert resp.status == 200, resp.status
         latencies.append((time.perf_counter() - t0) * 1000)
         n += 1
         pause = started + n / rate - loop.time()
@@ -224,18 +231,50 @@ def summary(latencies: list[float]) -> str:
     return f"p50 {statistics.median(latencies):.2f} ms, p99 {p99:.2f} ms, max {latencies[-1]:.2f} ms"
 
 
+async def steady_child() -> None:
+    """--steady-child: a backend on 127.0.0.4 (its port on stdout), then one steady run per
+    line on stdin ({"port", "rate", "seconds"}), its latencies on stdout."""
+    pods = Pods()
+    print(json.dumps({"port": await pods.start("127.0.0.4")}), flush=True)
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)  # the backend serves meanwhile
+    while line := await reader.readline():
+        run = json.loads(line)
+        print(json.dumps(await steady(run["port"], run["rate"], run["seconds"])), flush=True)
+    await pods.close()
+
+
 async def stall(args: argparse.Namespace, api: FakeApiServer, proxy: EdgeProxy, port: int) -> None:
     """The data plane's latency while the control plane churns (Ingresses and EndpointSlices)."""
     assert proxy.proc is not None
     routes = json.loads((await fetch(proxy.admin, "GET", "/debug/routes")).body)
     pids = [proxy.proc.pid] + [w["pid"] for w in routes["workers"]]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--steady-child", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    backend = json.loads(await child.stdout.readline())["port"]
+    await api.apply(k8s.ingress("steady", [("steady.example.com", [k8s.path("/", "steady")])]),
+                    k8s.service("steady"), k8s.endpoint_slice("steady", k8s.ready("127.0.0.4"), backend))  # fmt: skip
+    for _ in range(500):  # until it is routed (bounded: 5 s)
+        if (await fetch(proxy.http, "GET", "/", host="steady.example.com")).status == 200:
+            break
+        await asyncio.sleep(0.01)
+
+    async def run_steady() -> list[float]:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps({"port": proxy.http, "rate": args.stall_rate,
+                                      "seconds": args.stall_seconds}).encode() + b"\n")  # fmt: skip
+        await child.stdin.drain()
+        return json.loads(await child.stdout.readline())
 
     def cpu() -> list[float]:
         return [cpu_seconds(p) for p in pids]
 
     before = cpu()
-    idle = await steady(proxy, args.stall_rate, args.stall_seconds)
-    idle_cpu = [b - a for a, b in zip(before, cpu())]
+    idle = await run_steady()
+    idle_cpu = [b - a for a, b in zip(before, cpu(), strict=True)]
     done = asyncio.Event()
 
     async def churn() -> int:
@@ -254,10 +293,12 @@ async def stall(args: argparse.Namespace, api: FakeApiServer, proxy: EdgeProxy, 
 
     before = cpu()
     churner = asyncio.create_task(churn())
-    busy = await steady(proxy, args.stall_rate, args.stall_seconds)
+    busy = await run_steady()
     done.set()
     events = await churner
-    busy_cpu = [b - a for a, b in zip(before, cpu())]
+    child.stdin.close()
+    await child.wait()
+    busy_cpu = [b - a for a, b in zip(before, cpu(), strict=True)]
     p99 = lambda xs: xs[max(0, int(len(xs) * 0.99) - 1)]  # noqa: E731
     print(f"steady client, idle: {summary(idle)}")
     print(f"steady client, {events} Ingress+EndpointSlice events at {args.churn_rate:.0f}/s: "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import math
 import os
@@ -495,6 +496,11 @@ class Supervisor:
                 log.info("routing table complete (generation %d): workers start serving",
                          self.pipeline.published_generation)  # fmt: skip
                 self.broadcast(("serve",))
+                # The objects and the table live until they change, and are freed by their
+                # reference counts then: kept out of the collector's full passes, which
+                # otherwise walk every Ingress (milliseconds at 10,000) a few times a minute.
+                gc.collect()
+                gc.freeze()
             now = self.loop.time()
             if now - self._last_poll >= STATS_POLL_S:
                 self._last_poll = now

@@ -152,11 +152,12 @@ class Worker:
         if with_endpoints:
             idle: dict[Any, int] = {}
             for (key, _), connections in dp.pool.idle.items():  # one pass, not one per endpoint
-                idle[key] = idle.get(key, 0) + len(connections)
+                if connections:
+                    idle[key] = idle.get(key, 0) + len(connections)
             for key, state in dp.registry.states.items():
                 endpoints[key] = (state.in_flight, state.requests, state.failures,
                                   idle.get(key, 0))  # fmt: skip
-        upstream_open = sum(len(idle) for idle in dp.pool.idle.values())
+        upstream_open = dp.pool.idle_count()
         for conn in dp.connections:
             exchange = conn.exchange
             if (exchange is not None and exchange.up is not None) or conn.tunnel is not None:
