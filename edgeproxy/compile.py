@@ -145,6 +145,7 @@ class RouteCompiler:
         self.wildcard_hosts: dict[str, HostRoutes] = {}  # by suffix with its dot
         self._holes = 0  # hosts removed since those dicts were last compacted
         self._unused: set[Memo] = set()  # cache entries whose fragment count fell to 0
+        self._bulk = False
         self.default_route: Route | None = None
         # Non-empty diagnostics by where they come from: ("ingress", key), ("host", host),
         # ("default",); the clusters' own are in resolver.cluster_diagnostics.
@@ -161,8 +162,11 @@ class RouteCompiler:
         self.classes, self.default_class = served_classes(self.source.of_kind("IngressClass"),
                                                           self.only_class)  # fmt: skip
         delta = TableDelta()
+        self._bulk = True  # served is sorted once at the end, not kept sorted per insert
         for key, ingress in self.source.of_kind("Ingress"):
             self._add(key, ingress, delta)
+        self._bulk = False
+        self.served.sort()
         self._settle(delta, set(self.by_host), True, generation)
         return self._publish(None, generation)
 
@@ -236,7 +240,10 @@ class RouteCompiler:
         self.fragments[key] = fragment
         if not fragment.served:
             return fragment
-        bisect.insort(self.served, (fragment.age, key))
+        if self._bulk:
+            self.served.append((fragment.age, key))
+        else:
+            bisect.insort(self.served, (fragment.age, key))
         if fragment.diagnostics:
             self.problems[("ingress", key)] = fragment.diagnostics
         for host in fragment.routes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -159,12 +160,19 @@ class RoutePipeline:
                                  outlier=self.outlier)  # fmt: skip
 
         def build() -> CompileResult | None:
+            # A build makes an object or more per route: no cycle collections meanwhile
+            # (each would walk the whole table being built).
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 return compiler.build(snapshot.generation)
             except Exception:  # meant to be total; if not, keep the last good table
                 self.compile_failures += 1
                 log.exception("compiling routes failed; the last good table keeps serving")
                 return None
+            finally:
+                if collecting:
+                    gc.enable()
 
         self._need_build = False
         if self.compile_thread is None:

@@ -496,11 +496,11 @@ class Supervisor:
                 log.info("routing table complete (generation %d): workers start serving",
                          self.pipeline.published_generation)  # fmt: skip
                 self.broadcast(("serve",))
-                # The objects and the table live until they change, and are freed by their
-                # reference counts then: kept out of the collector's full passes, which
-                # otherwise walk every Ingress (milliseconds at 10,000) a few times a minute.
-                gc.collect()
+                # The collector was off while the first table was read and built (run());
+                # what exists now is kept out of its passes for good: the objects and the
+                # table live until they change and are freed by their reference counts.
                 gc.freeze()
+                gc.enable()
             now = self.loop.time()
             if now - self._last_poll >= STATS_POLL_S:
                 self._last_poll = now
@@ -511,6 +511,12 @@ class Supervisor:
     async def run(self) -> int:
         args = self.args
         loop = self.loop
+        # No cycle collection until the first table is served: reading and compiling 50,000
+        # Ingresses makes millions of objects, and each full pass of the collector walks all
+        # of them (with it on, the first build took twice as long). Back on after a minute
+        # whatever happens, or failed API connections would pile up their cycles meanwhile.
+        gc.disable()
+        loop.call_later(60.0, gc.enable)
         wanted = []
         if args.http:
             wanted.append(("http", *args.http))

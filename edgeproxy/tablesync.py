@@ -21,7 +21,6 @@ apply costs one dict copy per host kind plus what changed.
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -38,33 +37,39 @@ GroupKey = tuple[int, str]
 Keys = tuple[EndpointKey, ...]
 
 
-def _frozen(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
-    return MappingProxyType(mapping)
+# A route crosses as a plain tuple with its cluster's cid, so pickle runs in C from end to end
+# (a Pickler with persistent ids calls back into Python for every object it writes: most of
+# the time of sending a 50,000-host table).
+RouteData = tuple[str, str, str, str, int, bool, "bytes | None"]
 
 
-class _Pickler(pickle.Pickler):
-    def __init__(self, buffer: io.BytesIO, cids: dict[Cluster, int]) -> None:
-        super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        self.cids = cids
+def _route_data(route: Route, cids: Mapping[Cluster, int]) -> RouteData:
+    return (route.ingress, route.host, route.path, route.path_type, cids[route.cluster],
+            route.ssl_redirect, route.hsts)  # fmt: skip
 
-    def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is Cluster:
-            return self.cids[obj]
+
+def _route(data: RouteData, clusters: Mapping[int, Cluster]) -> Route:
+    ingress, host, path, path_type, cid, ssl_redirect, hsts = data
+    return Route(ingress, host, path, path_type, clusters[cid], ssl_redirect, hsts)
+
+
+def _encode_group(group: HostRoutes | Route | None, cids: Mapping[Cluster, int]) -> Any:
+    if group is None:
         return None
+    if isinstance(group, Route):
+        return _route_data(group, cids)
+    return ([(p, _route_data(r, cids)) for p, r in group.exact.items()],
+            [(p, _route_data(r, cids)) for p, r in group.prefix.items()])  # fmt: skip
 
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is MappingProxyType:
-            return _frozen, (dict(obj),)
-        return NotImplemented
 
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, clusters: dict[int, Cluster]) -> None:
-        super().__init__(io.BytesIO(data))
-        self.clusters = clusters
-
-    def persistent_load(self, pid: Any) -> Any:
-        return self.clusters[pid]
+def _decode_group(data: Any, clusters: Mapping[int, Cluster]) -> HostRoutes | Route | None:
+    if data is None:
+        return None
+    if isinstance(data[0], str):  # a route's tuple starts with its Ingress
+        return _route(data, clusters)
+    exact, prefix = data
+    return HostRoutes(MappingProxyType({p: _route(r, clusters) for p, r in exact}),
+                      MappingProxyType({p: _route(r, clusters) for p, r in prefix}))  # fmt: skip
 
 
 def group_key(host: str) -> GroupKey:
@@ -83,6 +88,35 @@ def _group(table: RouteTable, key: GroupKey) -> HostRoutes | Route | None:
     if kind == WILDCARD:
         return table.wildcard_hosts.get(host)
     return table.any_host if kind == ANY else table.default_route
+
+
+def _same_route(a: Route, b: Route) -> bool:
+    """Whether a worker holding route a would serve b the same (clusters compare by their
+    config: one config is one cid, and endpoints travel per cid)."""
+    return a is b or (a.ingress == b.ingress and a.path == b.path and a.host == b.host
+                      and a.path_type == b.path_type and a.ssl_redirect == b.ssl_redirect
+                      and a.hsts == b.hsts
+                      and (a.cluster is b.cluster or a.cluster.config() == b.cluster.config()))  # fmt: skip
+
+
+def _same_paths(a: Mapping[str, Route], b: Mapping[str, Route]) -> bool:
+    if len(a) != len(b):
+        return False
+    for path, route in a.items():
+        other = b.get(path)
+        if other is None or not _same_route(route, other):
+            return False
+    return True
+
+
+def _same_group(a: HostRoutes | Route | None, b: HostRoutes | Route) -> bool:
+    if a is b:
+        return True
+    if a is None or type(a) is not type(b):
+        return False
+    if isinstance(a, Route):
+        return _same_route(a, b)  # type: ignore[arg-type]
+    return _same_paths(a.exact, b.exact) and _same_paths(a.prefix, b.prefix)  # type: ignore[union-attr]
 
 
 def _groups(table: RouteTable) -> dict[GroupKey, HostRoutes | Route]:
@@ -110,21 +144,9 @@ class TableSender:
         self.keys: dict[int, Keys] = {}  # cid -> endpoints as the workers hold them
         # (cid, endpoints before, after) of the last update or refresh; None after a full one.
         self.key_changes: list[tuple[int, Keys, Keys]] | None = None
-        self._signatures: dict[GroupKey, int] = {}
-        self._groups: dict[GroupKey, HostRoutes | Route] = {}
+        self._groups: dict[GroupKey, HostRoutes | Route] = {}  # as the workers hold them
         self.tls_hosts: frozenset[str] = frozenset()
         self.generation = 0
-
-    def _route_signature(self, route: Route) -> tuple[Any, ...]:
-        return (route.ingress, route.host, route.path, route.path_type, self.cids[route.cluster],
-                route.ssl_redirect, route.hsts)  # fmt: skip
-
-    def _group_signature(self, group: HostRoutes | Route) -> tuple[Any, ...]:
-        if isinstance(group, Route):
-            return self._route_signature(group)
-        sign = self._route_signature
-        return (tuple((p, sign(r)) for p, r in group.exact.items()),
-                tuple((p, sign(r)) for p, r in group.prefix.items()))  # fmt: skip
 
     def update(self, table: RouteTable, delta: TableDelta | None,
                current: Mapping[Cluster, Keys]) -> tuple[Any, ...]:  # fmt: skip
@@ -153,11 +175,8 @@ class TableSender:
         for cid in undefines:
             self._undefine(cid)
         groups = _groups(table)
-        changes = self._sign(groups.items())
-        changes.extend((key, None) for key in self._signatures if key not in groups)
-        for key, _ in changes:
-            if key not in groups:
-                del self._signatures[key]
+        changes = self._changed(groups.items())
+        changes.extend((key, None) for key in self._groups if key not in groups)
         self._groups = groups
         return self._message(table, defines, undefines, endpoints, changes)
 
@@ -198,11 +217,10 @@ class TableSender:
         if delta.default:
             touched.append((DEFAULT, ""))
         groups = [(key, _group(table, key)) for key in touched]
-        changes = self._sign([(key, group) for key, group in groups if group is not None])
+        changes = self._changed([(key, group) for key, group in groups if group is not None])
         for key, group in groups:
             if group is None:
-                self._groups.pop(key, None)
-                if self._signatures.pop(key, None) is not None:
+                if self._groups.pop(key, None) is not None:
                     changes.append((key, None))
             else:
                 self._groups[key] = group
@@ -223,20 +241,14 @@ class TableSender:
         del self.keys[cid]
         self.cid_refs.pop(cid, None)
 
-    def _sign(self, groups: Iterable[tuple[GroupKey, HostRoutes | Route]]
-              ) -> list[tuple[GroupKey, HostRoutes | Route | None]]:  # fmt: skip
-        """The groups whose routes differ from what the workers hold."""
-        changes: list[tuple[GroupKey, HostRoutes | Route | None]] = []
-        signatures = self._signatures
-        for key, group in groups:
-            # Kept as a hash, not the tuple: one int per host instead of a copy of its routes
-            # (the supervisor's memory per Ingress). Hashes are salted per process (SipHash for
-            # the strings in it), so a collision cannot be aimed at; by chance it is ~2**-64.
-            digest = hash(self._group_signature(group))
-            if signatures.get(key) != digest:
-                signatures[key] = digest
-                changes.append((key, group))
-        return changes
+    def _changed(self, groups: Iterable[tuple[GroupKey, HostRoutes | Route]]
+                 ) -> list[tuple[GroupKey, HostRoutes | Route | None]]:  # fmt: skip
+        """The groups whose routes differ from what the workers hold. Compared with the group
+        last sent, when there is one (nothing is kept per group but the group itself, and a
+        first table compares nothing)."""
+        held = self._groups
+        return [(key, group) for key, group in groups
+                if not _same_group(held.get(key), group)]  # fmt: skip
 
     def _message(self, table: RouteTable, defines: list[tuple[int, Cluster]], undefines: list[int],
                  endpoints: list[tuple[int, Keys]],
@@ -271,9 +283,9 @@ class TableSender:
 
     def _encode(self, changes: list[tuple[GroupKey, HostRoutes | Route | None]],
                 tls_hosts: frozenset[str] | None) -> bytes:  # fmt: skip
-        buffer = io.BytesIO()
-        _Pickler(buffer, self.cids).dump((changes, tls_hosts))
-        return buffer.getvalue()
+        cids = self.cids
+        data = [(key, _encode_group(group, cids)) for key, group in changes]
+        return pickle.dumps((data, tls_hosts), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class TableReceiver:
@@ -298,7 +310,10 @@ class TableReceiver:
             defined.append(cluster)
         gone = [self.clusters.pop(cid) for cid in undefines]
         changed = [(self.clusters[cid], keys) for cid, keys in endpoints]
-        changes, tls_hosts = _Unpickler(blob, self.clusters).load()
+        data, tls_hosts = pickle.loads(blob)
+        clusters = self.clusters
+        changes: list[tuple[GroupKey, Any]] = [(key, _decode_group(group, clusters))
+                                               for key, group in data]  # fmt: skip
         if changes:
             exact, wildcard = dict(self.exact), dict(self.wildcard)
             for (kind, host), group in changes:

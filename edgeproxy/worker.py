@@ -191,9 +191,11 @@ class Worker:
         from edgeproxy.proxy.http1_server import ClientConnection
 
         dp = self.dp
-        gc.collect()
-        gc.freeze()  # what exists now lives as long as the process: keep it out of collections
+        # The collector was off while the first table arrived (run()); what exists now lives
+        # as long as the process or is freed by reference counts: out of collections for good.
+        gc.freeze()
         gc.set_threshold(100_000, 50, 1000)
+        gc.enable()
         for scheme, port, fds in self.listeners:
             context = self.certificates.server_context() if scheme == "https" else None
             if context is not None:
@@ -276,6 +278,10 @@ def _connections(cls: Any, dp: Any, scheme: bytes, port: bytes) -> Callable[[], 
 
 async def run(fd: int) -> None:
     loop = asyncio.get_running_loop()
+    # No cycle collection while the first table arrives and is bound (serve() turns it on):
+    # with 50,000 routes its full passes took longer than the apply itself.
+    gc.disable()
+    loop.call_later(60.0, gc.enable)
     worker = Worker(loop)
     # The channel is the worker's before the first message arrives (which can be before
     # create_unix_connection returns).
