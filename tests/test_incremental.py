@@ -174,7 +174,7 @@ def test_updates_give_the_table_a_fresh_build_gives(seed: int) -> None:
         assert path.compiler is not None and path.result is not None
         full = compile_routes(store.snapshot())
         endpoints = path.compiler.endpoints
-        incremental = result_form(path.result, lambda c: endpoints.get(c, c.keys))
+        incremental = result_form(path.result, lambda c, e=endpoints: e.get(c, c.keys))
         assert incremental == result_form(full, lambda c: c.keys), f"seed {seed}, step {step}"
         # The clusters it counts as routed are exactly the table's.
         assert set(path.compiler.live) == set(path.result.table.clusters())
