@@ -43,6 +43,7 @@ from edgeproxy.listeners import (
     open_listeners,
     take_over,
 )
+from edgeproxy.memory import release_free_memory
 from edgeproxy.metrics import PodMetrics, WorkerTotals
 from edgeproxy.objects import ObjectStore
 from edgeproxy.pipeline import EndpointChanges, RoutePipeline
@@ -501,6 +502,7 @@ class Supervisor:
                 # table live until they change and are freed by their reference counts.
                 gc.freeze()
                 gc.enable()
+                release_free_memory()
             now = self.loop.time()
             if now - self._last_poll >= STATS_POLL_S:
                 self._last_poll = now

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeproxy.channel import Channel
 from edgeproxy.hosts import EndpointState
+from edgeproxy.memory import release_free_memory
 from edgeproxy.tablesync import TableReceiver
 from edgeproxy.tls import SniCertificates, upstream_context
 
@@ -196,6 +197,7 @@ class Worker:
         gc.freeze()
         gc.set_threshold(100_000, 50, 1000)
         gc.enable()
+        release_free_memory()
         for scheme, port, fds in self.listeners:
             context = self.certificates.server_context() if scheme == "https" else None
             if context is not None:
