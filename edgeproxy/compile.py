@@ -170,6 +170,17 @@ class RouteCompiler:
         self._settle(delta, set(self.by_host), True, generation)
         return self._publish(None, generation)
 
+    def reach(self, keys: Iterable[ObjectKey]) -> int:
+        """How many Ingresses update(keys) would recompile (at most: a Service's Ingresses
+        are counted once per changed Service)."""
+        count = 0
+        for key in keys:
+            if key[0] == "Ingress":
+                count += 1
+            elif key[0] == "Service":
+                count += len(self.by_service.get((key[1], key[2]), ()))
+        return count
+
     def update(self, keys: Iterable[ObjectKey], generation: int) -> CompileResult:
         """Only what these changed objects touch (Ingresses and Services; other kinds do not
         shape routes). An IngressClass change is the caller's cue for build()."""

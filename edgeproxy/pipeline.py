@@ -30,6 +30,10 @@ from edgeproxy.routing import Cluster
 log = logging.getLogger("edgeproxy.pipeline")
 
 EndpointChanges = list[tuple[Cluster, tuple[EndpointKey, ...]]]
+# An update that would recompile more Ingresses than this (a Service that thousands of them
+# name, a manifest directory rewritten) is a whole build in the compile thread instead: about
+# 50 us per Ingress either way, but off the supervisor's loop.
+LARGE_UPDATE = 2000
 
 
 class Publisher(Protocol):
@@ -131,7 +135,8 @@ class RoutePipeline:
             if services and self.compiler is not None:  # meanwhile, the serving table's too
                 self._refresh_endpoints(services)
             return
-        if self.compiler is None or self._need_build or "IngressClass" in kinds:
+        if (self.compiler is None or self._need_build or "IngressClass" in kinds
+                or self.compiler.reach(keys) > LARGE_UPDATE):  # fmt: skip
             self._build(started)
             return
         if services:

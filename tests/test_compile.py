@@ -252,10 +252,49 @@ def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compil
         assert route.cluster.keys == (("10.0.0.1", 8000),)  # the published table is not written
         assert [h.key for h in binding.hosts] == [("10.0.0.1", 8000), ("10.0.0.9", 8000)]
         assert binding.hosts[0] is kept and kept.requests == 42
-        # Anything else changing is a full rebuild.
+        # An Ingress changing is an update: only it is compiled, and the table is new.
         objs.append(k8s.ingress("j", [("j", [k8s.path("/", "c")])]))
         store.replace("test", objs)
         pipeline.rebuild()
-        assert dp.table is not table and pipeline.rebuilds == 2
+        assert dp.table is not table and pipeline.rebuilds == 2 and pipeline.full_builds == 1
+        assert dp.table.exact_hosts["h"] is table.exact_hosts["h"]  # the other host untouched
+        route = dp.table.lookup("j", "/")
+        assert route is not None and dp.bindings[route.cluster].keys == (("10.0.0.3", 8000),)
+        # Which Ingresses are ours changing (an IngressClass) is a whole build.
+        objs[0] = k8s.ingress_class(default=True)
+        store.replace("test", objs)
+        pipeline.rebuild()
+        assert pipeline.full_builds == 2 and dp.table.lookup("j", "/") is not None
+    finally:
+        loop.close()
+
+
+def test_a_service_change_that_reaches_many_ingresses_is_a_whole_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from edgeproxy import pipeline as pipeline_module
+    from edgeproxy.balancing import load_balancers
+    from edgeproxy.config import Settings
+    from edgeproxy.pipeline import LocalPublisher, RoutePipeline
+    from edgeproxy.proxy.dataplane import Dataplane
+
+    monkeypatch.setattr(pipeline_module, "LARGE_UPDATE", 2)
+    loop = asyncio.new_event_loop()
+    try:
+        dp = Dataplane(Settings(), loop)
+        dp.balancer_types = load_balancers()
+        store = ObjectStore()
+        pipeline = RoutePipeline(store, [LocalPublisher(dp)], only_class=None, balancers=["round_robin"],
+                                 default_balancer="round_robin", loop=loop)  # fmt: skip
+        objs = base(*(k8s.ingress(f"i{n}", [(f"h{n}", [k8s.path("/", "a")])]) for n in range(3)))
+        store.replace("test", objs)
+        pipeline.rebuild()
+        objs[1] = k8s.service("a", port=80, port_name="web")  # the Service all three name
+        objs[2] = k8s.endpoint_slice("a", k8s.ready("10.0.0.7"), 8000, port_name="web")
+        store.replace("test", objs)
+        pipeline.rebuild()
+        assert pipeline.full_builds == 2  # three Ingresses reached, more than LARGE_UPDATE
+        route = dp.table.lookup("h2", "/")
+        assert route is not None and dp.bindings[route.cluster].keys == (("10.0.0.7", 8000),)
     finally:
         loop.close()
