@@ -258,7 +258,7 @@ class PodMetrics:
         registry = self.registry = CollectorRegistry(auto_describe=False)
         self.compile_seconds = Histogram(
             "edgeproxy_table_compile_duration_seconds",
-            "Full compiles of the route table (any Ingress, Service, IngressClass or Secret change).",
+            "Route table compiles: whole builds and per-change updates (an Ingress, Service, IngressClass or Secret change).",
             buckets=COMPILE_BUCKETS, registry=registry)  # fmt: skip
         self.refresh_seconds = Histogram(
             "edgeproxy_endpoint_refresh_duration_seconds",

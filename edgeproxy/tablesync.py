@@ -8,12 +8,12 @@ crosses the process boundary is what changed since the last message, not the tab
   recompile that leaves a Service port's settings alone keeps its cid, so the worker keeps
   its binding, balancer position and pooled connections (Envoy's CDS keeps a cluster whose
   config did not change);
-- per host group, the routes' signature (with cids in place of clusters) decides whether the
-  group is sent again;
+- per host group, a comparison with the group last sent (clusters compared by their config)
+  decides whether the group is sent again;
 - endpoints travel per cid (Envoy's EDS): an EndpointSlice event is a few bytes.
 
-Routes are pickled with clusters as persistent ids, resolved by the worker to its own Cluster
-objects. A worker that (re)starts gets the whole state once (`TableSender.full`).
+Routes travel as plain tuples with cids in place of clusters (pickled in C), rebuilt by the
+worker around its own Cluster objects. A worker that (re)starts gets the whole state once (`TableSender.full`).
 Cost: after a full build the supervisor signs every host group (O(table), beside the build);
 after an update (compile.TableDelta) only the groups and clusters it touched. A worker's
 apply costs one dict copy per host kind plus what changed.
