@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
 
@@ -219,9 +222,9 @@ def test_table_is_immutable() -> None:
         table.default_route = None  # type: ignore[misc]
 
 
-def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compile() -> None:
-    import asyncio
-
+@contextlib.contextmanager
+def local_pipeline() -> Iterator[tuple[Any, ObjectStore, Any]]:
+    """(data plane, store, pipeline) in this process, on a loop of their own."""
     from edgeproxy.balancing import load_balancers
     from edgeproxy.config import Settings
     from edgeproxy.pipeline import LocalPublisher, RoutePipeline
@@ -234,6 +237,13 @@ def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compil
         store = ObjectStore()
         pipeline = RoutePipeline(store, [LocalPublisher(dp)], only_class=None, balancers=["round_robin"],
                                  default_balancer="round_robin", loop=loop)  # fmt: skip
+        yield dp, store, pipeline
+    finally:
+        loop.close()
+
+
+def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compile() -> None:
+    with local_pipeline() as (dp, store, pipeline):
         objs = base(k8s.ingress("i", [("h", [k8s.path("/", "a"), k8s.path("/b", "b")])]))
         store.replace("test", objs)
         pipeline.rebuild()
@@ -265,27 +275,13 @@ def test_endpoint_slice_only_change_updates_clusters_in_place_like_a_full_compil
         store.replace("test", objs)
         pipeline.rebuild()
         assert pipeline.full_builds == 2 and dp.table.lookup("j", "/") is not None
-    finally:
-        loop.close()
 
 
 def test_a_service_change_that_reaches_many_ingresses_is_a_whole_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    import asyncio
-
     from edgeproxy import pipeline as pipeline_module
-    from edgeproxy.balancing import load_balancers
-    from edgeproxy.config import Settings
-    from edgeproxy.pipeline import LocalPublisher, RoutePipeline
-    from edgeproxy.proxy.dataplane import Dataplane
 
     monkeypatch.setattr(pipeline_module, "LARGE_UPDATE", 2)
-    loop = asyncio.new_event_loop()
-    try:
-        dp = Dataplane(Settings(), loop)
-        dp.balancer_types = load_balancers()
-        store = ObjectStore()
-        pipeline = RoutePipeline(store, [LocalPublisher(dp)], only_class=None, balancers=["round_robin"],
-                                 default_balancer="round_robin", loop=loop)  # fmt: skip
+    with local_pipeline() as (dp, store, pipeline):
         objs = base(*(k8s.ingress(f"i{n}", [(f"h{n}", [k8s.path("/", "a")])]) for n in range(3)))
         store.replace("test", objs)
         pipeline.rebuild()
@@ -296,5 +292,3 @@ def test_a_service_change_that_reaches_many_ingresses_is_a_whole_build(monkeypat
         assert pipeline.full_builds == 2  # three Ingresses reached, more than LARGE_UPDATE
         route = dp.table.lookup("h2", "/")
         assert route is not None and dp.bindings[route.cluster].keys == (("10.0.0.7", 8000),)
-    finally:
-        loop.close()
