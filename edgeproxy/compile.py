@@ -39,6 +39,7 @@ __all__ = ["CompileResult", "Diagnostic", "RouteCompiler", "TableDelta", "TlsBin
            "compile_routes", "resolve_endpoints"]  # fmt: skip
 
 Service = tuple[str, str]
+NO_ROUTES: Mapping[str, Route] = MappingProxyType({})  # shared by every group without Exact paths
 
 
 class ObjectSource(Protocol):
@@ -129,7 +130,8 @@ class RouteCompiler:
         self.classes: set[str] = set()
         self.default_class = False
         self.fragments: dict[ObjectKey, IngressFragment] = {}
-        self.by_host: dict[str, set[ObjectKey]] = {}  # host -> Ingresses with paths on it
+        # host -> Ingresses with paths on it: a list (usually of one; a set costs 216 bytes)
+        self.by_host: dict[str, list[ObjectKey]] = {}
         self.by_service: dict[Service, set[ObjectKey]] = {}  # Service -> Ingresses naming it
         self.with_default: set[ObjectKey] = set()
         self.served: list[tuple[tuple[str, str, str], ObjectKey]] = []  # by age
@@ -258,7 +260,7 @@ class RouteCompiler:
         if fragment.diagnostics:
             self.problems[("ingress", key)] = fragment.diagnostics
         for host in fragment.routes:
-            self.by_host.setdefault(host, set()).add(key)
+            self.by_host.setdefault(host, []).append(key)
         for service in fragment.services:
             self.by_service.setdefault(service, set()).add(key)
         if fragment.default is not None:
@@ -286,7 +288,10 @@ class RouteCompiler:
         self.served.pop(bisect.bisect_left(self.served, (fragment.age, key)))
         self.problems.pop(("ingress", key), None)
         for host in fragment.routes:
-            _discard(self.by_host, host, key)
+            contributors = self.by_host[host]
+            contributors.remove(key)
+            if not contributors:
+                del self.by_host[host]
         for service in fragment.services:
             _discard(self.by_service, service, key)
         self.with_default.discard(key)
@@ -348,7 +353,8 @@ class RouteCompiler:
                         ))  # fmt: skip
                     continue
                 same_kind[match_key] = route
-        group = HostRoutes(MappingProxyType(exact), MappingProxyType(prefix))
+        group = HostRoutes(MappingProxyType(exact) if exact else NO_ROUTES,
+                           MappingProxyType(prefix) if prefix else NO_ROUTES)  # fmt: skip
         self.groups[host] = group
         self._place(host, group)
         self._route(exact.values(), before)
@@ -435,6 +441,7 @@ class RouteCompiler:
             service = (memo[0], memo[1])
             if memo not in resolver.clusters:
                 _discard(self.memos_of, service, memo)
+                resolver.memo_keys.pop(memo, None)
             if cluster is not None and cluster not in held:
                 self.endpoints.pop(cluster, None)
                 _discard(self.clusters_of, service, cluster)

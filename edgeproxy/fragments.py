@@ -128,6 +128,7 @@ class ClusterResolver:
         self.default_balancer = default_balancer
         self.outlier_defaults = outlier_defaults
         self.clusters: dict[Memo, Cluster] = {}
+        self.memo_keys: dict[Memo, Memo] = {}  # each cache key to itself (fragments share it)
         self.cluster_diagnostics: dict[Memo, list[str]] = {}  # its endpoints' problems
         self.replaced: dict[Memo, Cluster] = {}
         self.created: list[tuple[Memo, Cluster, Keys]] = []  # since the compiler last looked
@@ -213,7 +214,7 @@ class ClusterResolver:
                 tuple(sorted(options.items())), transport, outlier)  # fmt: skip
         cached = self.clusters.get(memo)
         if cached is not None:
-            self.memos.add(memo)
+            self.memos.add(self.memo_keys.get(memo, memo))  # the cache's own tuple: one per cluster
             return cached
         spec = _spec(svc)
         svc_ports = [p for p in spec.get("ports") or [] if isinstance(p, dict)]
@@ -257,6 +258,7 @@ class ClusterResolver:
         if previous is not None and previous.config() == cluster.config():
             cluster = previous  # same configuration: same object, new endpoints only
         self.clusters[memo] = cluster
+        self.memo_keys[memo] = memo
         self.created.append((memo, cluster, keys))
         self.memos.add(memo)
         return cluster
