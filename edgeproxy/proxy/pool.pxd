@@ -7,6 +7,6 @@ cpdef UpstreamConnection take_idle(list idle)
 cdef class UpstreamPool:
     cdef public object loop
     cdef public Py_ssize_t max_idle, connects, max_head
-    cdef public dict idle, profiles, occupied
+    cdef public dict idle, profiles
 
     cpdef put(self, UpstreamConnection conn, double now)
