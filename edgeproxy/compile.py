@@ -152,7 +152,6 @@ class RouteCompiler:
         # Non-empty diagnostics by where they come from: ("ingress", key), ("host", host),
         # ("default",); the clusters' own are in resolver.cluster_diagnostics.
         self.problems: dict[tuple[Any, ...], list[str]] = {}
-        self.generation = 0
         self._tls: tuple[TlsBinding, ...] = ()
         self._tls_names: frozenset[str] = frozenset()
         self._served: tuple[str, ...] = ()
@@ -169,7 +168,7 @@ class RouteCompiler:
             self._add(key, ingress, delta)
         self._bulk = False
         self.served.sort()
-        self._settle(delta, set(self.by_host), True, generation)
+        self._settle(delta, set(self.by_host), True)
         return self._publish(None, generation)
 
     def reach(self, keys: Iterable[ObjectKey]) -> int:
@@ -220,7 +219,7 @@ class RouteCompiler:
                 delta.served = delta.tls = True  # the order by age changed
             elif (old.tls if was else ()) != (new.tls if now else ()):  # type: ignore[union-attr]
                 delta.tls = True
-        self._settle(delta, hosts, regroup_default, generation)
+        self._settle(delta, hosts, regroup_default)
         return self._publish(delta, generation)
 
     def refresh_endpoints(self, services: Iterable[Service],
@@ -302,8 +301,7 @@ class RouteCompiler:
 
     # -- putting the fragments together -------------------------------------------------
 
-    def _settle(self, delta: TableDelta, hosts: set[str], regroup_default: bool,
-                generation: int) -> None:  # fmt: skip
+    def _settle(self, delta: TableDelta, hosts: set[str], regroup_default: bool) -> None:
         before: dict[Cluster, int] = {}  # live counts before, of the clusters touched
         for host in hosts:
             self._group(host, before)
@@ -322,7 +320,6 @@ class RouteCompiler:
                 delta.removed.append(cluster)
                 self.ca_live.pop(cluster, None)
         self._drop_unused()
-        self.generation = generation
 
     def _group(self, host: str, before: dict[Cluster, int]) -> None:
         """The routes on one host: the older Ingress wins a path two of them ask for."""

@@ -65,20 +65,11 @@ class Route:
     ssl_redirect: bool = False
     hsts: bytes | None = None  # the whole Strict-Transport-Security line, for HTTPS responses
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled as its fields, not through dataclasses' __getstate__ (a Python call per
-        # route, which was most of sending a 50,000-host table to the workers).
-        return (Route, (self.ingress, self.host, self.path, self.path_type, self.cluster,
-                        self.ssl_redirect, self.hsts))  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
     exact: Mapping[str, Route]
     prefix: Mapping[str, Route]  # keyed by path without trailing slash ("/" for the root)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (HostRoutes, (self.exact, self.prefix))
 
     def match(self, path: str) -> Route | None:
         """Longest match; Exact beats Prefix at equal length (an Exact hit is always longest)."""

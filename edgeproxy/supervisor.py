@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import gc
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from edgeproxy.listeners import (
     open_listeners,
     take_over,
 )
-from edgeproxy.memory import release_free_memory
+from edgeproxy.memory import first_table_served, hold_collection
 from edgeproxy.metrics import PodMetrics, WorkerTotals
 from edgeproxy.objects import ObjectStore
 from edgeproxy.pipeline import EndpointChanges, RoutePipeline
@@ -497,12 +496,7 @@ class Supervisor:
                 log.info("routing table complete (generation %d): workers start serving",
                          self.pipeline.published_generation)  # fmt: skip
                 self.broadcast(("serve",))
-                # The collector was off while the first table was read and built (run());
-                # what exists now is kept out of its passes for good: the objects and the
-                # table live until they change and are freed by their reference counts.
-                gc.freeze()
-                gc.enable()
-                release_free_memory()
+                first_table_served()
             now = self.loop.time()
             if now - self._last_poll >= STATS_POLL_S:
                 self._last_poll = now
@@ -513,12 +507,7 @@ class Supervisor:
     async def run(self) -> int:
         args = self.args
         loop = self.loop
-        # No cycle collection until the first table is served: reading and compiling 50,000
-        # Ingresses makes millions of objects, and each full pass of the collector walks all
-        # of them (with it on, the first build took twice as long). Back on after a minute
-        # whatever happens, or failed API connections would pile up their cycles meanwhile.
-        gc.disable()
-        loop.call_later(60.0, gc.enable)
+        hold_collection(loop)
         wanted = []
         if args.http:
             wanted.append(("http", *args.http))

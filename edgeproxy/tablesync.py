@@ -14,8 +14,9 @@ crosses the process boundary is what changed since the last message, not the tab
 
 Routes travel as plain tuples with cids in place of clusters (pickled in C), rebuilt by the
 worker around its own Cluster objects. A worker that (re)starts gets the whole state once (`TableSender.full`).
-Cost: after a full build the supervisor signs every host group (O(table), beside the build);
-after an update (compile.TableDelta) only the groups and clusters it touched. A worker's
+Cost: after a full build the supervisor compares every host group with the one last sent
+(O(table), beside the build; nothing for the first table); after an update
+(compile.TableDelta) only the groups and clusters it touched. A worker's
 apply costs one dict copy per host kind plus what changed.
 """
 

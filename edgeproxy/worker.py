@@ -26,7 +26,7 @@ from typing import Any
 
 from edgeproxy.channel import Channel
 from edgeproxy.hosts import EndpointState
-from edgeproxy.memory import release_free_memory
+from edgeproxy.memory import first_table_served, hold_collection
 from edgeproxy.tablesync import TableReceiver
 from edgeproxy.tls import SniCertificates, upstream_context
 
@@ -192,12 +192,8 @@ class Worker:
         from edgeproxy.proxy.http1_server import ClientConnection
 
         dp = self.dp
-        # The collector was off while the first table arrived (run()); what exists now lives
-        # as long as the process or is freed by reference counts: out of collections for good.
-        gc.freeze()
         gc.set_threshold(100_000, 50, 1000)
-        gc.enable()
-        release_free_memory()
+        first_table_served()
         for scheme, port, fds in self.listeners:
             context = self.certificates.server_context() if scheme == "https" else None
             if context is not None:
@@ -280,10 +276,7 @@ def _connections(cls: Any, dp: Any, scheme: bytes, port: bytes) -> Callable[[], 
 
 async def run(fd: int) -> None:
     loop = asyncio.get_running_loop()
-    # No cycle collection while the first table arrives and is bound (serve() turns it on):
-    # with 50,000 routes its full passes took longer than the apply itself.
-    gc.disable()
-    loop.call_later(60.0, gc.enable)
+    hold_collection(loop)  # until serve()
     worker = Worker(loop)
     # The channel is the worker's before the first message arrives (which can be before
     # create_unix_connection returns).
