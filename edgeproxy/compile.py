@@ -15,7 +15,7 @@ thread, the live ObjectStore on the loop).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from edgeproxy.fragments import (
     Memo,
     TlsBinding,
     compile_ingress,
+    match_key,
     resolve_endpoints,
     served_classes,
 )
@@ -39,7 +40,6 @@ __all__ = ["CompileResult", "Diagnostic", "RouteCompiler", "TableDelta", "TlsBin
            "compile_routes", "resolve_endpoints"]  # fmt: skip
 
 Service = tuple[str, str]
-NO_ROUTES: Mapping[str, Route] = MappingProxyType({})  # shared by every group without Exact paths
 
 
 class ObjectSource(Protocol):
@@ -130,11 +130,13 @@ class RouteCompiler:
         self.classes: set[str] = set()
         self.default_class = False
         self.fragments: dict[ObjectKey, IngressFragment] = {}
-        # host -> Ingresses with paths on it: a list (usually of one; a set costs 216 bytes)
-        self.by_host: dict[str, list[ObjectKey]] = {}
-        self.by_service: dict[Service, set[ObjectKey]] = {}  # Service -> Ingresses naming it
+        # host -> the Ingress with paths on it, or a list when there are more (a list of one
+        # costs 72 bytes a host, a set 216): contributors(host) reads either.
+        self.by_host: dict[str, ObjectKey | list[ObjectKey]] = {}
+        # Service -> Ingresses naming it (a dict as a set: 232 bytes for up to 5, a set 728)
+        self.by_service: dict[Service, dict[ObjectKey, None]] = {}
         self.with_default: set[ObjectKey] = set()
-        self.served: list[tuple[tuple[str, str, str], ObjectKey]] = []  # by age
+        self.served: list[ObjectKey] = []  # the served Ingresses, older first (_age)
         self.memo_refs: dict[Memo, int] = {}  # cluster cache entry -> fragments using it
         self.memos_of: dict[Service, set[Memo]] = {}
         self.endpoints: dict[Cluster, Keys] = {}  # every cached cluster's current endpoints
@@ -151,7 +153,7 @@ class RouteCompiler:
         self.default_route: Route | None = None
         # Non-empty diagnostics by where they come from: ("ingress", key), ("host", host),
         # ("default",); the clusters' own are in resolver.cluster_diagnostics.
-        self.problems: dict[tuple[Any, ...], list[str]] = {}
+        self.problems: dict[tuple[Any, ...], Sequence[str]] = {}
         self._tls: tuple[TlsBinding, ...] = ()
         self._tls_names: frozenset[str] = frozenset()
         self._served: tuple[str, ...] = ()
@@ -167,7 +169,7 @@ class RouteCompiler:
         for key, ingress in self.source.of_kind("Ingress"):
             self._add(key, ingress, delta)
         self._bulk = False
-        self.served.sort()
+        self.served.sort(key=self._age)
         self._settle(delta, set(self.by_host), True)
         return self._publish(None, generation)
 
@@ -194,7 +196,7 @@ class RouteCompiler:
                 changed.add(key)
             elif key[0] == "Service":
                 service = (key[1], key[2])
-                changed |= self.by_service.get(service, set())
+                changed.update(self.by_service.get(service, ()))
                 for memo in self.memos_of.get(service, ()):  # resolve again; reused if unchanged
                     cluster = self.resolver.clusters.pop(memo, None)
                     if cluster is not None:
@@ -205,14 +207,14 @@ class RouteCompiler:
         for key in changed:
             old = self.fragments.get(key)
             if old is not None:
-                hosts.update(old.routes)
+                hosts.update(old.hosts())
                 regroup_default |= old.default is not None
                 self._remove(key, old)
             ingress = self.source.get(key)
             new = None
             if ingress is not None:
                 new = self._add(key, ingress, delta)
-                hosts.update(new.routes)
+                hosts.update(new.hosts())
                 regroup_default |= new.default is not None
             was, now = old is not None and old.served, new is not None and new.served
             if was != now or (was and now and old.age != new.age):  # type: ignore[union-attr]
@@ -241,6 +243,16 @@ class RouteCompiler:
 
     # -- fragments ----------------------------------------------------------------------
 
+    def _age(self, key: ObjectKey) -> tuple[str, ObjectKey]:
+        return self.fragments[key].age
+
+    def contributors(self, host: str) -> Sequence[ObjectKey]:
+        """The Ingresses with paths on host."""
+        held = self.by_host.get(host)
+        if held is None:
+            return ()
+        return held if type(held) is list else (held,)  # type: ignore[return-value]
+
     def _service(self, namespace: str, name: str) -> K8sObject | None:
         return self.source.get(("Service", namespace, name))
 
@@ -253,15 +265,22 @@ class RouteCompiler:
         if not fragment.served:
             return fragment
         if self._bulk:
-            self.served.append((fragment.age, key))
+            self.served.append(key)
         else:
-            bisect.insort(self.served, (fragment.age, key))
+            bisect.insort(self.served, key, key=self._age)
         if fragment.diagnostics:
             self.problems[("ingress", key)] = fragment.diagnostics
-        for host in fragment.routes:
-            self.by_host.setdefault(host, []).append(key)
+        by_host = self.by_host
+        for host in fragment.hosts():
+            held = by_host.get(host)
+            if held is None:
+                by_host[host] = key
+            elif type(held) is list:
+                held.append(key)
+            else:
+                by_host[host] = [held, key]  # type: ignore[list-item]
         for service in fragment.services:
-            self.by_service.setdefault(service, set()).add(key)
+            self.by_service.setdefault(service, {})[key] = None
         if fragment.default is not None:
             self.with_default.add(key)
         for memo in fragment.memos:
@@ -281,16 +300,22 @@ class RouteCompiler:
         return fragment
 
     def _remove(self, key: ObjectKey, fragment: IngressFragment) -> None:
-        del self.fragments[key]
         if not fragment.served:
+            del self.fragments[key]
             return
-        self.served.pop(bisect.bisect_left(self.served, (fragment.age, key)))
+        # Found by age while the fragment is still there to be read (served is by _age).
+        self.served.pop(bisect.bisect_left(self.served, fragment.age, key=self._age))
+        del self.fragments[key]
         self.problems.pop(("ingress", key), None)
-        for host in fragment.routes:
-            contributors = self.by_host[host]
-            contributors.remove(key)
-            if not contributors:
-                del self.by_host[host]
+        by_host = self.by_host
+        for host in fragment.hosts():
+            held = by_host[host]
+            if type(held) is not list:
+                del by_host[host]
+                continue
+            held.remove(key)
+            if len(held) == 1:
+                by_host[host] = held[0]
         for service in fragment.services:
             _discard(self.by_service, service, key)
         self.with_default.discard(key)
@@ -328,7 +353,7 @@ class RouteCompiler:
             self._unroute(old.exact.values(), before)
             self._unroute(old.prefix.values(), before)
         self.problems.pop(("host", host), None)
-        contributors = self.by_host.get(host)
+        contributors = self.contributors(host)
         if not contributors:
             if old is not None:
                 self._place(host, None)
@@ -336,11 +361,13 @@ class RouteCompiler:
         exact: dict[str, Route] = {}
         prefix: dict[str, Route] = {}
         conflicts: list[str] = []
-        for key in sorted(contributors, key=lambda k: self.fragments[k].age):
+        for key in sorted(contributors, key=self._age):
             fragment = self.fragments[key]
-            for is_exact, match_key, route in fragment.routes[host]:
+            for route in fragment.on(host):
+                is_exact = route.path_type == "Exact"
                 same_kind = exact if is_exact else prefix
-                held = same_kind.get(match_key)
+                found_by = match_key(route)
+                held = same_kind.get(found_by)
                 if held is not None:
                     if held.ingress != fragment.where:
                         conflicts.append(Diagnostic("conflict",
@@ -349,13 +376,12 @@ class RouteCompiler:
                             f"Ingress {held.ingress}; the older one is kept"
                         ))  # fmt: skip
                     continue
-                same_kind[match_key] = route
-        group = HostRoutes(MappingProxyType(exact) if exact else NO_ROUTES,
-                           MappingProxyType(prefix) if prefix else NO_ROUTES)  # fmt: skip
-        self.groups[host] = group
-        self._place(host, group)
+                same_kind[found_by] = route
         self._route(exact.values(), before)
         self._route(prefix.values(), before)
+        group = HostRoutes.of(exact, prefix)
+        self.groups[host] = group
+        self._place(host, group)
         if conflicts:
             self.problems[("host", host)] = conflicts
 
@@ -387,7 +413,7 @@ class RouteCompiler:
             self._unroute((self.default_route,), before)
         self.default_route = None
         conflicts: list[str] = []
-        for key in sorted(self.with_default, key=lambda k: self.fragments[k].age):
+        for key in sorted(self.with_default, key=self._age):
             route = self.fragments[key].default
             assert route is not None
             if self.default_route is None:
@@ -447,9 +473,9 @@ class RouteCompiler:
 
     def _publish(self, delta: TableDelta | None, generation: int) -> CompileResult:
         if delta is None or delta.served:
-            self._served = tuple(self.fragments[key].where for _, key in self.served)
+            self._served = tuple(self.fragments[key].where for key in self.served)
         if delta is None or delta.tls:
-            self._tls = tuple(b for _, key in self.served for b in self.fragments[key].tls)
+            self._tls = tuple(b for key in self.served for b in self.fragments[key].tls)
             self._tls_names = frozenset(h for b in self._tls for h in b.hosts)
         diagnostics = [line for lines in self.problems.values() for line in lines]
         for lines in self.resolver.cluster_diagnostics.values():
@@ -461,10 +487,14 @@ class RouteCompiler:
                              tuple(self.ca_live), delta)  # fmt: skip
 
 
-def _discard(index: dict[Any, set[Any]], key: Any, member: Any) -> None:
+def _discard(index: dict[Any, Any], key: Any, member: Any) -> None:
+    """member out of index[key] (a set, or a dict used as one); the entry goes when empty."""
     members = index.get(key)
     if members is not None:
-        members.discard(member)
+        if isinstance(members, dict):
+            members.pop(member, None)
+        else:
+            members.discard(member)
         if not members:
             del index[key]
 

@@ -11,7 +11,8 @@ backend), IngressClass (is-default-class), discovery.k8s.io/v1 EndpointSlice and
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable
+import sys
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +25,9 @@ DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
 ANNOTATION_PREFIX = "edgeproxy.io/"
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
+# Each object read from the store is a fresh decode: strings kept from it are made shared
+# ones (path types by this table, paths by sys.intern), or every route keeps copies.
+_PATH_TYPE = {t: t for t in PATH_TYPES}
 HASH_BY = re.compile(r"^(client-ip|path|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|cookie:[^\s;=,]+)$")
 # edgeproxy.io/<annotation> -> OutlierSettings field (per Ingress; flags set the defaults).
 OUTLIER_ANNOTATIONS = (
@@ -105,6 +109,7 @@ def is_served(ingress: K8sObject, classes: set[str], default: bool) -> bool:
 
 
 Memo = tuple[Any, ...]  # what makes two paths' backends one Cluster
+SHARED_TUPLES = 200_000  # ClusterResolver.shared: cleared past this many
 Keys = tuple[EndpointKey, ...]
 
 
@@ -136,9 +141,18 @@ class ClusterResolver:
         self.diagnostics: list[str] = []
         self.memos: set[Memo] = set()
         self.services: set[tuple[str, str]] = set()
+        # One tuple for equal ones: the Ingresses naming a Service share its (namespace,
+        # name) and their (Service,) and (memo,) tuples (about 150 bytes an Ingress).
+        self._shared: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def begin(self) -> None:
         self.diagnostics, self.memos, self.services = [], set(), set()
+
+    def shared(self, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        shared = self._shared
+        if len(shared) > SHARED_TUPLES:  # bounded (entries of what is gone are not tracked)
+            shared.clear()
+        return shared.setdefault(value, value)
 
     def balancer_of(self, where: str, annotations: dict[str, str]) -> tuple[str, dict[str, Any]]:
         name = annotations.get(ANNOTATION_PREFIX + "load-balance", self.default_balancer)
@@ -196,7 +210,8 @@ class ClusterResolver:
         port_number, port_name = port.get("number"), port.get("name")
         svc = None
         if isinstance(svc_name, str):
-            self.services.add((namespace, svc_name))  # found or not: its arrival recompiles us
+            svc_name = sys.intern(svc_name)  # kept in indexes and memos (see _PATH_TYPE)
+            self.services.add(self.shared((namespace, svc_name)))  # found or not: its arrival recompiles us
             svc = self.service(namespace, svc_name)
         if svc is None or not isinstance(svc_name, str):
             self.diagnostics.append(Diagnostic("service_not_found",
@@ -299,9 +314,11 @@ def resolve_endpoints(
     return tuple(sorted(set(ready or fallback)))
 
 
-def age_key(key: ObjectKey, obj: K8sObject) -> tuple[str, str, str]:
-    """The older Ingress wins a conflict (creation time, then namespace/name: deterministic)."""
-    return (str(_meta(obj).get("creationTimestamp") or ""), key[1], key[2])
+def created(obj: K8sObject) -> str:
+    """When the object was created, as the API server writes it ("" when absent). The older
+    Ingress wins a conflict: by this, then by namespace/name (IngressFragment.age)."""
+    value = _meta(obj).get("creationTimestamp")
+    return str(value) if value else ""
 
 
 # An Exact or Prefix path is a literal absolute path (RFC 3986 3.3): pchars and "/", with
@@ -317,7 +334,6 @@ def _valid_path(path: Any) -> bool:
             and DOT_SEGMENT_RE.search(path) is None)  # fmt: skip
 
 
-RouteEntry = tuple[bool, str, Route]  # (Exact?, the key it is matched by, the route)
 
 
 @dataclass(slots=True, eq=False)
@@ -325,25 +341,42 @@ class IngressFragment:
     """What one Ingress asks for, before it meets the others (conflicts are settled when the
     fragments are put together: the older Ingress wins)."""
 
+    # Tuples, and the key not copied into an age tuple: 50,000 fragments live as long as the
+    # compiler, and each container saved is 50-200 bytes apiece.
+    key: ObjectKey
     where: str  # namespace/name
-    age: tuple[str, str, str]
+    created: str
     served: bool
-    routes: dict[str, list[RouteEntry]]  # host ("" for none) -> its paths, in rule order
+    routes: tuple[Route, ...]  # in rule order; each knows its host ("" for none)
     default: Route | None
     tls: tuple[TlsBinding, ...]
-    diagnostics: list[str]
+    diagnostics: tuple[str, ...]
     # Tuples, not sets: usually one member, and 48 bytes against a set's 216 (50,000 of them).
     services: tuple[tuple[str, str], ...]  # every Service it names, found or not
     memos: tuple[Memo, ...]  # the clusters it resolved
+
+    @property
+    def age(self) -> tuple[str, ObjectKey]:
+        """Older first: creation time, then namespace/name."""
+        return (self.created, self.key)
+
+    def hosts(self) -> Iterable[str]:
+        routes = self.routes
+        if len(routes) == 1:
+            return (routes[0].host,)
+        return dict.fromkeys(route.host for route in routes)
+
+    def on(self, host: str) -> Iterator[Route]:
+        return (route for route in self.routes if route.host == host)
 
 
 def compile_ingress(key: ObjectKey, ingress: K8sObject, resolver: ClusterResolver,
                     classes: set[str], default_class: bool) -> IngressFragment:  # fmt: skip
     _, ns, name = key
     where = f"{ns}/{name}"
-    age = age_key(key, ingress)
+    when = created(ingress)
     if not is_served(ingress, classes, default_class):
-        return IngressFragment(where, age, False, {}, None, (), [], (), ())
+        return IngressFragment(key, where, when, False, (), None, (), (), (), ())
     resolver.begin()
     diagnostics = resolver.diagnostics
     spec = _spec(ingress)
@@ -357,7 +390,7 @@ def compile_ingress(key: ObjectKey, ingress: K8sObject, resolver: ClusterResolve
         cluster = resolver.cluster(where, ns, spec["defaultBackend"], ann)
         if cluster is not None:
             default = Route(where, "", "/", "Prefix", cluster)
-    routes: dict[str, list[RouteEntry]] = {}
+    routes: list[Route] = []
     for rule in spec.get("rules") or []:
         if not isinstance(rule, dict):
             continue
@@ -371,25 +404,26 @@ def compile_ingress(key: ObjectKey, ingress: K8sObject, resolver: ClusterResolve
             if not isinstance(entry, dict):
                 continue
             path = entry.get("path") or "/"
-            path_type = entry.get("pathType") or "ImplementationSpecific"
-            if path_type not in PATH_TYPES or not _valid_path(path):
+            asked = entry.get("pathType") or "ImplementationSpecific"
+            path_type = _PATH_TYPE.get(asked) if isinstance(asked, str) else None
+            if path_type is None or not _valid_path(path):
                 diagnostics.append(Diagnostic("invalid_path",
-                    f"Ingress {where}: invalid path {path!r} ({path_type}); path skipped"
+                    f"Ingress {where}: invalid path {path!r} ({asked}); path skipped"
                 ))
                 continue
             cluster = resolver.cluster(where, ns, entry.get("backend"), ann)
             if cluster is None:
                 continue
+            path = sys.intern(path)
             # ImplementationSpecific is matched as Prefix (documented in README).
-            exact = path_type == "Exact"
-            route = Route(
+            routes.append(Route(
                 where, host, path, path_type, cluster,
                 ssl_redirect=ssl_redirect and _covered(host, tls_hosts),
                 hsts=hsts,
-            )  # fmt: skip
-            routes.setdefault(host, []).append((exact, path if exact else _prefix_key(path), route))
-    return IngressFragment(where, age, True, routes, default, tuple(tls), diagnostics,
-                           tuple(resolver.services), tuple(resolver.memos))  # fmt: skip
+            ))  # fmt: skip
+    return IngressFragment(key, where, when, True, tuple(routes), default, tuple(tls),
+                           tuple(diagnostics), resolver.shared(tuple(resolver.services)),
+                           resolver.shared(tuple(resolver.memos)))  # fmt: skip
 
 
 
@@ -402,9 +436,14 @@ def _hsts(value: str | None) -> bytes | None:
     return b"Strict-Transport-Security: " + value.encode("latin-1", "replace") + b"\r\n"
 
 
-def _prefix_key(path: str) -> str:
+def match_key(route: Route) -> str:
+    """What the route is found by in its group: an Exact path as it is, a Prefix path without
+    its trailing slash ("/" for the root)."""
+    path = route.path
+    if route.path_type == "Exact":
+        return path
     stripped = path.rstrip("/")
-    return stripped or "/"
+    return sys.intern(stripped) if stripped else "/"
 
 
 def _covered(host: str, tls_hosts: Iterable[str]) -> bool:

@@ -66,30 +66,54 @@ class Route:
     hsts: bytes | None = None  # the whole Strict-Transport-Security line, for HTTPS responses
 
 
+NO_ROUTES: Mapping[str, Route] = MappingProxyType({})  # shared by every group without such paths
+
+
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
+    """One host's paths. The Prefix "/" route (every path) sits apart from the other Prefix
+    paths: most hosts have only that one, and their groups then hold no dict of their own
+    (a dict and its proxy were 230 bytes per host, in the supervisor and in every worker)."""
+
     exact: Mapping[str, Route]
-    prefix: Mapping[str, Route]  # keyed by path without trailing slash ("/" for the root)
+    below: Mapping[str, Route]  # Prefix paths but "/", keyed by path without trailing slash
+    root: Route | None = None  # Prefix "/"
+
+    @classmethod
+    def of(cls, exact: dict[str, Route], prefix: dict[str, Route]) -> HostRoutes:
+        """From the Exact and the Prefix paths (keyed as in `prefix`, "/" among them)."""
+        root = prefix.pop("/", None)
+        return cls(MappingProxyType(exact) if exact else NO_ROUTES,
+                   MappingProxyType(prefix) if prefix else NO_ROUTES, root)  # fmt: skip
+
+    @property
+    def prefix(self) -> Mapping[str, Route]:
+        """Every Prefix path, "/" included (for listing; match() reads below and root)."""
+        if self.root is None:
+            return self.below
+        return {**self.below, "/": self.root}
 
     def match(self, path: str) -> Route | None:
         """Longest match; Exact beats Prefix at equal length (an Exact hit is always longest)."""
-        route = self.exact.get(path)
-        if route is not None:
-            return route
-        prefix = self.prefix
-        if not prefix:
-            return None
-        # Prefix matching is by path element (Ingress API reference, "Examples"): /foo matches
-        # /foo, /foo/ and /foo/bar, never /foobar. Probe the path, then each parent element.
-        end = len(path)
-        while end > 1 and path[end - 1] == "/":
-            end -= 1
-        while end > 0:
-            route = prefix.get(path[:end])
+        exact = self.exact
+        if exact:
+            route = exact.get(path)
             if route is not None:
                 return route
-            end = path.rfind("/", 0, end)
-        return prefix.get("/")
+        below = self.below
+        if below:
+            # Prefix matching is by path element (Ingress API reference, "Examples"): /foo
+            # matches /foo, /foo/ and /foo/bar, never /foobar. Probe the path, then each
+            # parent element; "/" is the root, below every path.
+            end = len(path)
+            while end > 1 and path[end - 1] == "/":
+                end -= 1
+            while end > 0:
+                route = below.get(path[:end])
+                if route is not None:
+                    return route
+                end = path.rfind("/", 0, end)
+        return self.root
 
 
 @dataclass(frozen=True, slots=True)

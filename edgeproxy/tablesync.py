@@ -30,7 +30,7 @@ from typing import Any
 
 from edgeproxy.compile import TableDelta
 from edgeproxy.hosts import EndpointKey
-from edgeproxy.routing import Cluster, HostRoutes, Route, RouteTable
+from edgeproxy.routing import EMPTY_TABLE, Cluster, HostRoutes, Route, RouteTable
 
 # Host groups of a table: exact host, wildcard suffix, host-less rules, the default backend.
 EXACT, WILDCARD, ANY, DEFAULT = 0, 1, 2, 3
@@ -69,8 +69,8 @@ def _decode_group(data: Any, clusters: Mapping[int, Cluster]) -> HostRoutes | Ro
     if isinstance(data[0], str):  # a route's tuple starts with its Ingress
         return _route(data, clusters)
     exact, prefix = data
-    return HostRoutes(MappingProxyType({p: _route(r, clusters) for p, r in exact}),
-                      MappingProxyType({p: _route(r, clusters) for p, r in prefix}))  # fmt: skip
+    return HostRoutes.of({p: _route(r, clusters) for p, r in exact},
+                         {p: _route(r, clusters) for p, r in prefix})  # fmt: skip
 
 
 def group_key(host: str) -> GroupKey:
@@ -117,7 +117,10 @@ def _same_group(a: HostRoutes | Route | None, b: HostRoutes | Route) -> bool:
         return False
     if isinstance(a, Route):
         return _same_route(a, b)  # type: ignore[arg-type]
-    return _same_paths(a.exact, b.exact) and _same_paths(a.prefix, b.prefix)  # type: ignore[union-attr]
+    root, other = a.root, b.root  # type: ignore[union-attr]
+    if (root is None) != (other is None) or (root is not None and not _same_route(root, other)):  # type: ignore[arg-type]
+        return False
+    return _same_paths(a.exact, b.exact) and _same_paths(a.below, b.below)  # type: ignore[union-attr]
 
 
 def _groups(table: RouteTable) -> dict[GroupKey, HostRoutes | Route]:
@@ -145,7 +148,8 @@ class TableSender:
         self.keys: dict[int, Keys] = {}  # cid -> endpoints as the workers hold them
         # (cid, endpoints before, after) of the last update or refresh; None after a full one.
         self.key_changes: list[tuple[int, Keys, Keys]] | None = None
-        self._groups: dict[GroupKey, HostRoutes | Route] = {}  # as the workers hold them
+        # The last table sent: its groups are what the workers hold (no copy kept per group).
+        self._sent: RouteTable = EMPTY_TABLE
         self.tls_hosts: frozenset[str] = frozenset()
         self.generation = 0
 
@@ -177,8 +181,7 @@ class TableSender:
             self._undefine(cid)
         groups = _groups(table)
         changes = self._changed(groups.items())
-        changes.extend((key, None) for key in self._groups if key not in groups)
-        self._groups = groups
+        changes.extend((key, None) for key in _groups(self._sent) if key not in groups)
         return self._message(table, defines, undefines, endpoints, changes)
 
     def _update(self, table: RouteTable, delta: TableDelta,
@@ -219,12 +222,8 @@ class TableSender:
             touched.append((DEFAULT, ""))
         groups = [(key, _group(table, key)) for key in touched]
         changes = self._changed([(key, group) for key, group in groups if group is not None])
-        for key, group in groups:
-            if group is None:
-                if self._groups.pop(key, None) is not None:
-                    changes.append((key, None))
-            else:
-                self._groups[key] = group
+        changes.extend((key, None) for key, group in groups
+                       if group is None and _group(self._sent, key) is not None)  # fmt: skip
         self.key_changes = key_changes
         return self._message(table, defines, undefines, endpoints, changes)
 
@@ -247,9 +246,9 @@ class TableSender:
         """The groups whose routes differ from what the workers hold. Compared with the group
         last sent, when there is one (nothing is kept per group but the group itself, and a
         first table compares nothing)."""
-        held = self._groups
+        held = self._sent
         return [(key, group) for key, group in groups
-                if not _same_group(held.get(key), group)]  # fmt: skip
+                if not _same_group(_group(held, key), group)]  # fmt: skip
 
     def _message(self, table: RouteTable, defines: list[tuple[int, Cluster]], undefines: list[int],
                  endpoints: list[tuple[int, Keys]],
@@ -257,6 +256,7 @@ class TableSender:
         tls_hosts = table.tls_hosts if table.tls_hosts != self.tls_hosts else None
         self.tls_hosts = table.tls_hosts
         self.generation = table.generation
+        self._sent = table
         if not (defines or undefines or endpoints or changes or tls_hosts is not None):
             return ("generation", table.generation)
         return ("table", table.generation, defines, undefines, endpoints,
@@ -280,7 +280,7 @@ class TableSender:
         """Everything, for a worker that starts with nothing."""
         defines = [(cid, replace(c, keys=self.keys[cid])) for cid, c in self.clusters.items()]
         return ("table", self.generation, defines, [], [],
-                self._encode(list(self._groups.items()), self.tls_hosts))  # fmt: skip
+                self._encode(list(_groups(self._sent).items()), self.tls_hosts))  # fmt: skip
 
     def _encode(self, changes: list[tuple[GroupKey, HostRoutes | Route | None]],
                 tls_hosts: frozenset[str] | None) -> bytes:  # fmt: skip

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import yaml
 
+from edgeproxy.objects import pack_all
 from edgeproxy.sources import manifests
-from edgeproxy.sources.manifests import load_yaml, load_yaml_parallel, split_documents
+from edgeproxy.sources.manifests import load_packed, load_yaml, load_yaml_parallel, split_documents
 
 # Every scalar form the direct builder handles, and those it hands to the safe constructor.
 TRICKY = textwrap.dedent("""\
@@ -100,6 +101,24 @@ def test_a_large_stream_parsed_in_parts_is_the_same_stream(monkeypatch: pytest.M
     parts = split_documents(raw, 3)
     assert len(parts) == 3 and b"".join(parts) == raw
     assert load_yaml_parallel(raw) == safe_load_all(raw)
+
+
+def test_objects_packed_while_parsed_are_what_the_store_packs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The manifest source packs each document as it is built (and its children send packed
+    # objects): the same keys and bytes as packing the parsed stream, odd scalars included.
+    odd = yaml.safe_load(TRICKY.split(b"---")[0])
+    docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}", "annotations": {"n": str(i)}},
+             "spec": {"ports": [{"port": 80}]}} for i in range(2000)]  # fmt: skip
+    raw = (yaml.safe_dump_all(docs).encode() + b"---\nkind: Ingress\nmetadata: {name: odd}\nspec:\n"
+           + textwrap.indent(TRICKY.split(b"---")[0].decode(), "  ").encode()
+           + b"---\nkind: List\nitems: [{kind: Secret, metadata: {name: listed}}]\n")  # fmt: skip
+    want = pack_all(o for doc in safe_load_all(raw) for o in manifests._documents(doc))
+    assert len(want) == 2002 and dict(want)[("Ingress", "default", "odd")]  # nothing dropped
+    assert load_packed(raw) == want
+    monkeypatch.setattr(manifests, "PARALLEL_BYTES", 1)
+    monkeypatch.setattr(manifests, "_usable_cpus", lambda: 3)
+    assert load_yaml_parallel(raw, packed=True) == want
+    assert odd["big"] == 123456789012345678901234567890  # the case JSON cannot hold
 
 
 def test_a_broken_part_falls_back_to_the_whole_stream_and_its_error(monkeypatch: pytest.MonkeyPatch) -> None:

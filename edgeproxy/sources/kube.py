@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from edgeproxy.objects import ObjectStore, object_key
+from edgeproxy.objects import ObjectKey, ObjectStore, Packed, object_key, pack_all
 
 log = logging.getLogger("edgeproxy.kube")
 
@@ -179,6 +179,9 @@ class KindWatcher:
 
     async def _list(self) -> None:
         items: list[dict[str, Any]] = []
+        # Packed page by page (as the store keeps them): a large cluster's objects never all
+        # exist as dicts at once, and the heap they leave behind is not strewn with them.
+        packed: list[tuple[ObjectKey, Packed]] = []
         query: list[tuple[str, Any]] = [("limit", LIST_PAGE)]
         version = ""
         while True:
@@ -186,11 +189,17 @@ class KindWatcher:
             data = await self.api.get_json(self.spec.path(self.namespace), query, self.accept)
             meta = data.get("metadata") or {}
             version = version or str(meta.get("resourceVersion") or "")
+            page = []
             for item in data.get("items") or []:
                 if isinstance(item, dict):
                     # List items carry no kind/apiVersion of their own (only the List does).
                     item["kind"] = self.spec.kind
-                    items.append(item)
+                    page.append(item)
+            if self.metadata_listed is not None:
+                items.extend(page)
+            else:
+                packed.extend(pack_all(page))
+            del data, page
             token = meta.get("continue")
             if not token:
                 break
@@ -199,7 +208,7 @@ class KindWatcher:
         if self.metadata_listed is not None:
             self.metadata_listed(items, self.namespace)
         else:
-            self.store.replace(self.source, items)
+            self.store.replace_packed(self.source, packed)
         if not self.listed:
             self.listed = True
             log.info("%s: listed %d objects at resourceVersion %s", self.source, len(items),

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import yaml
 
-from edgeproxy.objects import ObjectStore
+from edgeproxy.objects import ObjectKey, ObjectStore, Packed, pack_all
 
 log = logging.getLogger("edgeproxy.manifests")
 
@@ -85,13 +85,27 @@ def load_yaml(raw: bytes) -> list[Any]:
     built directly; anything else (floats, timestamps, other int forms, merge keys, binary,
     sets) goes to the safe constructor itself, so the result is the same.
     """
+    return _load(raw, False)
+
+
+def load_packed(raw: bytes) -> list[tuple[ObjectKey, Packed]]:
+    """The objects of a YAML stream as the store keeps them (objects.pack_all), each packed
+    as soon as its document is built: a large file's dicts never all exist at once."""
+    return _load(raw, True)
+
+
+def _load(raw: bytes, packed: bool) -> list[Any]:
     loader = SAFE_LOADER(raw)
     strings: dict[str, str] = {}
     try:
-        docs = []
+        out: list[Any] = []
         while loader.check_node():
-            docs.append(_build(loader, strings, loader.get_node(), 0))
-        return docs
+            doc = _build(loader, strings, loader.get_node(), 0)
+            if packed:
+                out.extend(pack_all(_documents(doc)))
+            else:
+                out.append(doc)
+        return out
     finally:
         loader.dispose()
 
@@ -156,20 +170,20 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# A part's parser: the part on stdin, its documents pickled on stdout.
+# A part's parser: the part on stdin, its documents (or packed objects) pickled on stdout.
 _PART_PARSER = ("import gc, pickle, sys; gc.disable(); "
-                "from edgeproxy.sources.manifests import load_yaml; "
-                "sys.stdout.buffer.write(pickle.dumps(load_yaml(sys.stdin.buffer.read()), 5))")
+                "from edgeproxy.sources.manifests import _load; "
+                "sys.stdout.buffer.write(pickle.dumps(_load(sys.stdin.buffer.read(), {}), 5))")
 
 
-def load_yaml_parallel(raw: bytes) -> list[Any]:
-    """load_yaml(raw) with the parts of a large stream parsed side by side: this process
-    takes the first, child processes the others. Anything unusual (a part that does not
-    parse alone, a child that cannot start) falls back to the whole stream here, so the
-    result, and the error of a broken file, are exactly load_yaml's."""
+def load_yaml_parallel(raw: bytes, packed: bool = False) -> list[Any]:
+    """load_yaml(raw) (or load_packed) with the parts of a large stream parsed side by side:
+    this process takes the first, child processes the others. Anything unusual (a part that
+    does not parse alone, a child that cannot start) falls back to the whole stream here, so
+    the result, and the error of a broken file, are exactly load_yaml's."""
     parts = split_documents(raw, min(_usable_cpus(), 8)) if len(raw) >= PARALLEL_BYTES else [raw]
     if len(parts) < 2:
-        return load_yaml(raw)
+        return _load(raw, packed)
     children = []
     try:
         for part in parts[1:]:
@@ -179,9 +193,9 @@ def load_yaml_parallel(raw: bytes) -> list[Any]:
             given.write(part)
             given.seek(0)
             # A fresh interpreter (not a fork of the supervisor, which has threads).
-            children.append((subprocess.Popen([sys.executable, "-c", _PART_PARSER],
+            children.append((subprocess.Popen([sys.executable, "-c", _PART_PARSER.format(packed)],
                                               stdin=given, stdout=taken), given, taken))  # fmt: skip
-        docs = load_yaml(parts[0])
+        docs = _load(parts[0], packed)
         for child, _, taken in children:
             if child.wait(600) != 0:
                 raise OSError(f"a manifest part's parser exited with {child.returncode}")
@@ -189,7 +203,7 @@ def load_yaml_parallel(raw: bytes) -> list[Any]:
             docs.extend(pickle.load(taken))
         return docs
     except Exception:  # noqa: BLE001 - the serial parse is the answer (or raises the real error)
-        return load_yaml(raw)
+        return _load(raw, packed)
     finally:
         for child, given, taken in children:
             if child.poll() is None:
@@ -212,6 +226,16 @@ def parse_file(path: Path) -> list[dict[str, Any]]:
     return [obj for doc in docs for obj in _documents(doc)]
 
 
+def parse_file_packed(path: Path) -> list[tuple[ObjectKey, Packed]]:
+    """pack_all(parse_file(path)), with a YAML file's objects packed as they are built."""
+    if path.suffix == ".json":
+        return pack_all(parse_file(path))
+    try:
+        return load_yaml_parallel(path.read_bytes(), packed=True)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UnreadableFile(" ".join(str(exc).split())) from None
+
+
 def load_file(path: Path) -> list[dict[str, Any]]:
     """Objects of one file; an unparsable one logs a line and yields nothing."""
     try:
@@ -227,7 +251,8 @@ class ManifestSource:
         self._store = store
         self._interval = interval
         self._seen: dict[Path, tuple[int, int]] = {}
-        self._objects: dict[Path, list[dict[str, Any]]] = {}  # each file's last good objects
+        # Each file's last good objects, packed as the store keeps them (one copy of each).
+        self._objects: dict[Path, list[tuple[ObjectKey, Packed]]] = {}
         self.errors: dict[Path, str] = {}  # files whose last read failed, and why
 
     def _stamp(self) -> dict[Path, tuple[int, int]]:
@@ -262,7 +287,7 @@ class ManifestSource:
                     del stamps[path]
                 continue
             try:
-                self._objects[path] = parse_file(path)
+                self._objects[path] = parse_file_packed(path)
             except UnreadableFile as exc:
                 kept = len(self._objects.get(path, ()))
                 if self.errors.get(path) != str(exc):
@@ -273,7 +298,8 @@ class ManifestSource:
             if self.errors.pop(path, None) is not None:
                 log.info("manifest file %s parses again", path)
         self._seen = stamps
-        self._store.replace(SOURCE_NAME, [o for path in stamps for o in self._objects.get(path, ())])
+        self._store.replace_packed(SOURCE_NAME,
+                                  [o for path in stamps for o in self._objects.get(path, ())])  # fmt: skip
 
     def changed_on_disk(self) -> bool:
         return self._stamp() != self._seen
