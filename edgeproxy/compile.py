@@ -350,8 +350,7 @@ class RouteCompiler:
         """The routes on one host: the older Ingress wins a path two of them ask for."""
         old = self.groups.pop(host, None)
         if old is not None:
-            self._unroute(old.exact.values(), before)
-            self._unroute(old.prefix.values(), before)
+            self._unroute(old.routes(), before)
         self.problems.pop(("host", host), None)
         contributors = self.contributors(host)
         if not contributors:

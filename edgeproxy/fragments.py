@@ -334,8 +334,6 @@ def _valid_path(path: Any) -> bool:
             and DOT_SEGMENT_RE.search(path) is None)  # fmt: skip
 
 
-
-
 @dataclass(slots=True, eq=False)
 class IngressFragment:
     """What one Ingress asks for, before it meets the others (conflicts are settled when the

@@ -86,6 +86,13 @@ class HostRoutes:
         return cls(MappingProxyType(exact) if exact else NO_ROUTES,
                    MappingProxyType(prefix) if prefix else NO_ROUTES, root)  # fmt: skip
 
+    def routes(self) -> list[Route]:
+        """Every route of the host: Exact, then Prefix ("/" last)."""
+        routes = [*self.exact.values(), *self.below.values()]
+        if self.root is not None:
+            routes.append(self.root)
+        return routes
+
     @property
     def prefix(self) -> Mapping[str, Route]:
         """Every Prefix path, "/" included (for listing; match() reads below and root)."""
@@ -152,8 +159,7 @@ class RouteTable:
         if self.any_host is not None:
             groups.append(self.any_host)
         for group in groups:
-            out.extend(group.exact.values())
-            out.extend(group.prefix.values())
+            out.extend(group.routes())
         if self.default_route is not None:
             out.append(self.default_route)
         return out

@@ -59,8 +59,10 @@ def _encode_group(group: HostRoutes | Route | None, cids: Mapping[Cluster, int])
         return None
     if isinstance(group, Route):
         return _route_data(group, cids)
-    return ([(p, _route_data(r, cids)) for p, r in group.exact.items()],
-            [(p, _route_data(r, cids)) for p, r in group.prefix.items()])  # fmt: skip
+    prefix = [(p, _route_data(r, cids)) for p, r in group.below.items()]
+    if group.root is not None:
+        prefix.append(("/", _route_data(group.root, cids)))
+    return ([(p, _route_data(r, cids)) for p, r in group.exact.items()], prefix)
 
 
 def _decode_group(data: Any, clusters: Mapping[int, Cluster]) -> HostRoutes | Route | None:

@@ -199,7 +199,7 @@ class KindWatcher:
                 items.extend(page)
             else:
                 packed.extend(pack_all(page))
-            del data, page
+            del data, page  # this page's dicts go before the next one is fetched
             token = meta.get("continue")
             if not token:
                 break

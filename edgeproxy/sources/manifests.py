@@ -215,25 +215,26 @@ def load_yaml_parallel(raw: bytes, packed: bool = False) -> list[Any]:
 
 def parse_file(path: Path) -> list[dict[str, Any]]:
     """Objects of one file; raises UnreadableFile."""
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".json":
-            docs: list[Any] = [orjson.loads(raw)]
-        else:
-            docs = load_yaml_parallel(raw)
-    except (OSError, yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnreadableFile(" ".join(str(exc).split())) from None
-    return [obj for doc in docs for obj in _documents(doc)]
+    return _parse(path, False)
 
 
 def parse_file_packed(path: Path) -> list[tuple[ObjectKey, Packed]]:
     """pack_all(parse_file(path)), with a YAML file's objects packed as they are built."""
-    if path.suffix == ".json":
-        return pack_all(parse_file(path))
+    return _parse(path, True)
+
+
+def _parse(path: Path, packed: bool) -> list[Any]:
     try:
-        return load_yaml_parallel(path.read_bytes(), packed=True)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+        if path.suffix == ".json":
+            objects = list(_documents(orjson.loads(raw)))
+            return pack_all(objects) if packed else objects
+        if packed:  # _documents applied as each document is built
+            return load_yaml_parallel(raw, packed=True)
+        docs = load_yaml_parallel(raw)
+    except (OSError, yaml.YAMLError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnreadableFile(" ".join(str(exc).split())) from None
+    return [obj for doc in docs for obj in _documents(doc)]
 
 
 def load_file(path: Path) -> list[dict[str, Any]]:
