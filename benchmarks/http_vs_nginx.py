@@ -43,6 +43,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "bench.example.com"
+# nginx's access log line, with the fields of edgeproxy's (README, "Access log").
+NGINX_LOG_FORMAT = (
+    '{"time":"$time_iso8601","client":"$remote_addr","method":"$request_method","host":"$host",'
+    '"path":"$request_uri","protocol":"$server_protocol","status":$status,'
+    '"bytes_sent":$bytes_sent,"bytes_received":$request_length,"duration":$request_time,'
+    '"upstream":"$upstream_addr","upstream_connect_time":"$upstream_connect_time",'
+    '"upstream_header_time":"$upstream_header_time",'
+    '"upstream_response_time":"$upstream_response_time","request_id":"$request_id",'
+    '"ingress":"bench/bench","service":"bench/api:80","user_agent":"$http_user_agent"}'
+)
 PATH = "/api/items"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -268,6 +278,9 @@ def main() -> int:
                              "more than 1, nothing is pinned and edgeproxy with 1 worker runs too")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose installed edgeproxy is measured (default: this one)")
+    parser.add_argument("--access-log", choices=("on", "off"), default="on",
+                        help="access logs of both proxies, to a file (default on: nginx logs "
+                             "a JSON line per request with edgeproxy's fields, buffered as edgeproxy's)")
     parser.add_argument("--access-log-cost", action="store_true",
                         help="also edgeproxy with --access-log off (the others log to a file, "
                              "as a container runtime's log would)")
@@ -316,8 +329,15 @@ def main() -> int:
                           else "ssl_session_cache shared:SSL:10m;")  # fmt: skip
                 ssl_directives = (f"ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem; "
                                   f"ssl_protocols {protocols}; {resume}")  # fmt: skip
+            # The same access log work on both sides (ingress-nginx logs every request too): one
+            # JSON line per request with edgeproxy's fields, buffered as edgeproxy buffers
+            # (64 KiB, flushed every 100 ms); --access-log off turns both off.
+            access_log = ("access_log off;" if args.access_log == "off" else
+                          f"log_format json escape=json '{NGINX_LOG_FORMAT}'; "
+                          f"access_log {work}/nginx.access.log json buffer=64k flush=100ms;")  # fmt: skip
             procs.append(start_nginx(work, "proxy", f"""
   upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
+  {access_log}
   server {{
     listen 127.0.0.1:{nginx_port} backlog=4096 {"ssl" if tls else ""};
     server_name {HOST};
@@ -337,6 +357,7 @@ def main() -> int:
   }}""", 0, args.workers))  # fmt: skip
             wait_port(nginx_port)
             targets: dict[str, tuple[int, int]] = {"nginx": (procs[-1].pid, nginx_port)}
+            log_flags = ["--access-log", "off"] if args.access_log == "off" else []
             variants = [("edgeproxy", 0, ["--workers", str(args.workers)], edgeproxy)]
             if args.workers > 1:
                 variants.append(("edgeproxy-1-worker", 0, ["--workers", "1"], edgeproxy))
@@ -357,7 +378,7 @@ def main() -> int:
             if args.no_resume:
                 tls_flags += ["--tls-session-resumption", "off"]
             for name, extra, flags, command in variants:
-                flags = flags + tls_flags
+                flags = log_flags + flags + tls_flags  # a variant's own --access-log comes last
                 port, admin = free_port(), free_port()
                 proc = subprocess.Popen(
                     ["taskset", "-c", cores(0), *command, "run",
@@ -400,7 +421,7 @@ def main() -> int:
                          for key in ("rps", "p99_ms", "cpu_us_per_req", "user_us_per_req", "reads_per_req", "writes_per_req")}  # fmt: skip
     base = summary["nginx"]
     print(f"\n{args.mode}: medians over {args.rounds} rounds, wrk -t{args.workers} -c{args.connections} "
-          f"-d{args.duration}s, {args.workers} proxy worker(s)")  # fmt: skip
+          f"-d{args.duration}s, {args.workers} proxy worker(s), access logs {args.access_log}")  # fmt: skip
     print(f"{'proxy':22s} {'req/s':>9s} {'p99 ms':>8s} {'cpu us/req':>11s} {'(user)':>7s} {'reads/req':>10s} {'writes/req':>11s}  ratios vs nginx (req/s, p99, cpu)")  # fmt: skip
     for name, s in summary.items():
         print(f"{name:22s} {s['rps']:9.0f} {s['p99_ms']:8.2f} {s['cpu_us_per_req']:11.1f} {s['user_us_per_req']:7.1f} "

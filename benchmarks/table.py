@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The performance table of issue 13 in one command: each scenario a row, edgeproxy and nginx
 side by side in one run of benchmarks/http_vs_nginx.py (alternating rounds, medians), the
-ratios edgeproxy / nginx for req/s, CPU per request and p99.
+ratios edgeproxy / nginx for req/s, CPU per request and p99. Both proxies write an access log
+line per request to a file (http_vs_nginx.py --access-log), except in the row that says so.
 
     python benchmarks/table.py [--rounds 3] [--duration 8] [--only ROW ...] [--python PY]
 
@@ -22,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 
 ROWS: list[tuple[str, str, list[str]]] = [
     ("http-c64", "http, wrk -c64", ["--mode", "http", "--connections", "64"]),
+    ("http-c64-no-logs", "http, wrk -c64, access logs off in both",
+     ["--mode", "http", "--connections", "64", "--access-log", "off"]),
     ("http-c1000", "http, wrk -c1000", ["--mode", "http", "--connections", "1000"]),
     ("https-c64", "https keep-alive, -c64", ["--mode", "https", "--connections", "64"]),
     ("https-c1000", "https keep-alive, -c1000", ["--mode", "https", "--connections", "1000"]),

@@ -54,6 +54,7 @@ cdef class Exchange(ResponseReceiver):
     cdef public object request_id
 
     cpdef start(self)
+    @cython.locals(endpoint=EndpointState)  # a typed local: its counters are C fields
     cpdef pick(self)
     cpdef attach(self, UpstreamConnection conn)
     cpdef request_body(self, bytes data)

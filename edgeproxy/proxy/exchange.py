@@ -113,17 +113,19 @@ class Exchange(ResponseReceiver):
     )  # fmt: skip
 
     def __init__(self, client: Downstream, dp: Dataplane, req: RequestHead) -> None:
+        # The fields are read back through self: compiled, they are typed (the arguments of a
+        # def are not), so each read is a C member access, not a generic attribute lookup.
         self.client = client  # http1_server.ClientConnection (or a later codec)
         self.dp = dp
         self.req = req
-        self.transport: Any = client.transport  # type: ignore[attr-defined]
-        self.conn: ConnectionInfo = client.info  # type: ignore[attr-defined]
-        self.cflow: FlowControl = client.flow  # type: ignore[attr-defined]  # its flow control
+        self.transport: Any = self.client.transport  # type: ignore[attr-defined]
+        self.conn: ConnectionInfo = self.client.info  # type: ignore[attr-defined]
+        self.cflow: FlowControl = self.client.flow  # type: ignore[attr-defined]  # its flow control
         # Loop time the current phase must end by (connect, read); 0: none.
-        self.deadline = dp.now + dp.read_timeout
+        self.deadline = self.dp.now + self.dp.read_timeout
         # The connections' own write buffers (written once per read on the other side): the
         # client's from the start, the upstream connection's once one is attached.
-        self.out: list[bytes] = client.wbuf  # type: ignore[attr-defined]
+        self.out: list[bytes] = self.client.wbuf  # type: ignore[attr-defined]
         self.up_buf: list[bytes] | None = None
         self.route: Route | None = None
         self.binding: ClusterBinding | None = None
@@ -147,7 +149,7 @@ class Exchange(ResponseReceiver):
         self.status = 0
         self.framing = LENGTH
         self.up_until_close = False
-        self.keep_alive = req.keep_alive and not dp.draining
+        self.keep_alive = self.req.keep_alive and not self.dp.draining
         self.upgrading = False
         self.tunnel: Any = None
         # For the finish phase (observe, accesslog): perf_counter times, 0: not reached.
@@ -155,7 +157,7 @@ class Exchange(ResponseReceiver):
         self.attempt_at = 0.0  # the last attempt's pick
         self.header_at = 0.0  # its response head
         self.connect_s = -1.0  # its connect, when it opened a connection
-        self.received = req.size  # head and body bytes from the client
+        self.received = self.req.size  # head and body bytes from the client
         self.sent = 0  # bytes written to the client
         self.request_id: bytes | None = None  # the X-Request-ID edgeproxy added
         self.picked: EndpointState | None = None  # the last attempt's endpoint (kept after release)

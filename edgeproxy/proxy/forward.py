@@ -14,8 +14,6 @@ from edgeproxy.proxy.message import BODY_METHODS, ConnectionInfo, RequestHead
 
 def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: bytes | None) -> bytes:
     """`request_id`: the X-Request-ID to add when the client sent none."""
-    peer_ip = conn.peer_ip
-    real_ip = conn.client_ip_bytes
     method = req.method
     authority = req.authority
     # Always HTTP/1.1 upstream (pooled keep-alive); an HTTP/1.0 client gets its response
@@ -32,20 +30,26 @@ def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: by
                 parts += fwd[i : i + 4]
     else:
         parts += req.fwd
-    forwarded_for = peer_ip
-    proto = conn.scheme
-    if conn.trusted:  # --trusted-proxies: their forwarding fields are kept and appended to
+    # A trusted proxy's forwarding fields are kept and appended to (--trusted-proxies); else
+    # the lines say what edgeproxy saw, the same bytes for every request of the connection.
+    own = not conn.trusted or (req.xff is None and req.xf_proto is None and req.forwarded is None)
+    if not own and req.forwarded is not None:
+        parts += [line for line in req.forwarded if not line.startswith(b"X-Real-IP")]
+    if authority:
+        parts += (b"X-Forwarded-Host: ", authority, b"\r\n")
+    if own:
+        parts.append(conn.forward_lines)
+    else:
+        forwarded_for = peer_ip = conn.peer_ip
+        real_ip = conn.client_ip_bytes
+        proto = conn.scheme
         if req.xff is not None:
             forwarded_for = req.xff + b", " + peer_ip
             real_ip = req.x_real_ip or req.xff.rpartition(b",")[2].strip()
         if req.xf_proto is not None:
             proto = req.xf_proto
-        if req.forwarded is not None:
-            parts += [line for line in req.forwarded if not line.startswith(b"X-Real-IP")]
-    if authority:
-        parts += (b"X-Forwarded-Host: ", authority, b"\r\n")
-    parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
-              b"\r\nX-Forwarded-Port: ", conn.port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
+        parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
+                  b"\r\nX-Forwarded-Port: ", conn.port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
     if request_id is not None:
         parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if req.chunked:

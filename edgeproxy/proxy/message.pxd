@@ -2,7 +2,7 @@
 # type whose fields the codec and the exchange read as C struct members.
 
 cdef class ConnectionInfo:
-    cdef public bytes client_ip_bytes, peer_ip, port, scheme
+    cdef public bytes client_ip_bytes, peer_ip, port, scheme, forward_lines
     cdef public str client_ip
     cdef public bint trusted
 

@@ -1,6 +1,9 @@
+cimport cython
+
 from edgeproxy.proxy.http1_client cimport UpstreamConnection
 
 
+@cython.locals(conn=UpstreamConnection)  # typed: closed and reused are C fields
 cpdef UpstreamConnection take_idle(list idle)
 
 
