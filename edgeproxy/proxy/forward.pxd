@@ -1,6 +1,6 @@
 cimport cython
 
-from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead
+from edgeproxy.proxy.message cimport ConnectionInfo, RequestHead, forwarding_lines
 
 
 @cython.locals(parts=list, method=bytes, authority=bytes, peer_ip=bytes, real_ip=bytes,

@@ -9,7 +9,7 @@ from what the codec parsed: the upstream never sees the client's own framing lin
 from __future__ import annotations
 
 from edgeproxy.proxy.headers import PLAIN_CONNECTION_TOKENS, join_bytes
-from edgeproxy.proxy.message import BODY_METHODS, ConnectionInfo, RequestHead
+from edgeproxy.proxy.message import BODY_METHODS, ConnectionInfo, RequestHead, forwarding_lines
 
 
 def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: bytes | None) -> bytes:
@@ -48,8 +48,7 @@ def upstream_request_head(req: RequestHead, conn: ConnectionInfo, request_id: by
             real_ip = req.x_real_ip or req.xff.rpartition(b",")[2].strip()
         if req.xf_proto is not None:
             proto = req.xf_proto
-        parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", proto,
-                  b"\r\nX-Forwarded-Port: ", conn.port, b"\r\nX-Real-IP: ", real_ip, b"\r\n")  # fmt: skip
+        parts.append(forwarding_lines(forwarded_for, proto, conn.port, real_ip))
     if request_id is not None:
         parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if req.chunked:

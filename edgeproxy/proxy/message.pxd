@@ -31,5 +31,6 @@ cdef class RequestHead:
 
 
 cpdef str host_name(bytes authority)
+cpdef bytes forwarding_lines(bytes forwarded_for, bytes proto, bytes port, bytes real_ip)
 cpdef Py_ssize_t response_framing(int status, object content_length, bint chunked,
                                   bint head_request, bint http10)

@@ -49,8 +49,13 @@ class ConnectionInfo:
         self.trusted = trusted
         # The forwarding lines of every request on this connection that carries none a trusted
         # proxy set (forward.py): the same bytes each time, so made once, not per request.
-        self.forward_lines = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Port: %b\r\nX-Real-IP: %b\r\n" % (
-            self.peer_ip, scheme, port, self.client_ip_bytes)  # fmt: skip
+        self.forward_lines = forwarding_lines(self.peer_ip, scheme, port, self.client_ip_bytes)
+
+
+def forwarding_lines(forwarded_for: bytes, proto: bytes, port: bytes, real_ip: bytes) -> bytes:
+    """The X-Forwarded-For/-Proto/-Port and X-Real-IP lines of an upstream request head."""
+    return b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Port: %b\r\nX-Real-IP: %b\r\n" % (
+        forwarded_for, proto, port, real_ip)  # fmt: skip
 
 
 class RequestHead:
