@@ -19,7 +19,7 @@ cdef class Exchange
 
 
 cdef class Downstream:
-    cdef public object transport
+    cdef public object transport, send
     cdef public FlowControl flow
     cdef public ConnectionInfo info
     cdef public bint closed
@@ -35,7 +35,7 @@ cdef class Downstream:
 
 cdef class Exchange(ResponseReceiver):
     cdef public Downstream client
-    cdef public object transport, route, connect_task, tried, kept, tunnel, pending
+    cdef public object route, connect_task, tried, kept, tunnel, pending
     cdef public Dataplane dp
     cdef public RequestHead req
     cdef public ConnectionInfo conn
@@ -61,6 +61,7 @@ cdef class Exchange(ResponseReceiver):
     cdef _body_piece(self, bytes data)
     cpdef request_end(self)
     cpdef flush_upstream(self)
+    @cython.locals(client=Downstream, out=list)
     cpdef flush_client(self)
     cpdef fail(self, Py_ssize_t stage, str reason, bint timeout, bint blame=*)
     cdef _record_failure(self, EndpointState endpoint)

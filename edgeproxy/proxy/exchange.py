@@ -78,8 +78,9 @@ class Downstream:
     """What an exchange needs of the connection its request came on: http1_server's
     ClientConnection now, an HTTP/2 stream later. A base class here, so that the exchange calls
     it as C calls when compiled while the import graph stays one-way (http1_server -> exchange).
-    Subclasses set transport, flow, info, closed and wbuf (the bytes to write at the end of
-    the current read, which the exchange appends to)."""
+    Subclasses set transport, send (its write, bound once per connection: a method looked up
+    per call costs more than the call), flow, info, closed and wbuf (the bytes to write at the
+    end of the current read, which the exchange appends to)."""
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
         raise NotImplementedError
@@ -107,7 +108,7 @@ class Exchange(ResponseReceiver):
         "attempts", "binding", "cflow", "client", "conn", "connect_task", "deadline", "done", "dp", "endpoint", "framing",
         "keep_alive", "kept", "kept_bytes", "pending", "pending_bytes", "replayable", "req",
         "req_done", "resp_done", "resp_started", "route", "stage", "status", "tried",
-        "transport", "tunnel", "up", "up_head", "up_until_close", "upgrading", "out",
+        "tunnel", "up", "up_head", "up_until_close", "upgrading", "out",
         "up_buf", "discarding", "started", "attempt_at", "header_at", "connect_s", "received",
         "sent", "request_id", "picked",
     )  # fmt: skip
@@ -118,7 +119,6 @@ class Exchange(ResponseReceiver):
         self.client = client  # http1_server.ClientConnection (or a later codec)
         self.dp = dp
         self.req = req
-        self.transport: Any = self.client.transport  # type: ignore[attr-defined]
         self.conn: ConnectionInfo = self.client.info  # type: ignore[attr-defined]
         self.cflow: FlowControl = self.client.flow  # type: ignore[attr-defined]  # its flow control
         # Loop time the current phase must end by (connect, read); 0: none.
@@ -417,11 +417,12 @@ class Exchange(ResponseReceiver):
     def flush_client(self) -> None:
         out = self.out
         if out:
-            transport = self.transport
-            if transport is not None and not self.client.closed:  # type: ignore[attr-defined]
+            client = self.client
+            send = client.send  # type: ignore[attr-defined]
+            if send is not None and not client.closed:  # type: ignore[attr-defined]
                 data = out[0] if len(out) == 1 else b"".join(out)
                 self.sent += len(data)
-                transport.write(data)
+                send(data)
             out.clear()
 
     # -- failures and retries --------------------------------------------------------------

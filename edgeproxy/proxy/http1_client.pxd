@@ -31,7 +31,7 @@ cdef class ResponseReceiver:
 cdef class UpstreamConnection:
     cdef public EndpointState endpoint
     cdef public list idle_list
-    cdef public object transport, parser
+    cdef public object transport, parser, send, feed
     cdef public ResponseReceiver receiver
     cdef public FlowControl flow
     cdef public ResponseHead switching
@@ -41,6 +41,7 @@ cdef class UpstreamConnection:
     cdef public Py_ssize_t max_head
     cdef public double idle_since
 
+    cdef _new_parser(self)
     cpdef begin(self, ResponseReceiver receiver, bint skip_body)
     cpdef write(self, bytes data)
     cpdef close(self)

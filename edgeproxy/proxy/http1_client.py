@@ -87,7 +87,7 @@ class UpstreamConnection:
     __slots__ = (
         "closed", "done", "endpoint", "flow", "idle_list", "idle_since", "in_head", "max_head", "parser",
         "raw", "receiver", "received", "reusable", "reused", "skip_body",
-        "switching", "transport", "tunnel", "wbuf",
+        "send", "feed", "switching", "transport", "tunnel", "wbuf",
     )  # fmt: skip
 
     def __init__(self, endpoint: EndpointState, idle_list: list[Any],
@@ -97,8 +97,11 @@ class UpstreamConnection:
         # The pool's list for (endpoint, transport profile): where this connection may idle.
         self.idle_list = idle_list
         self.transport: asyncio.Transport | None = None
+        self.send: Any = None  # transport.write and parser.feed_data, bound once each: a method
+        self.feed: Any = None  # looked up per call costs more than the call
         self.flow: FlowControl = FlowControl(None)
-        self.parser: Any = HttpResponseParser(self)  # None once the connection is lost
+        self.parser: Any = None  # None once the connection is lost
+        self._new_parser()
         self.receiver: ResponseReceiver | None = None
         self.raw = b""  # bytes of the current head not yet consumed
         self.in_head = True
@@ -115,8 +118,13 @@ class UpstreamConnection:
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
+    def _new_parser(self) -> None:
+        parser = self.parser = HttpResponseParser(self)
+        self.feed = parser.feed_data
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.send = transport.write  # type: ignore[attr-defined]
         self.flow = FlowControl(transport)
 
     def eof_received(self) -> bool:
@@ -144,7 +152,7 @@ class UpstreamConnection:
                 self._broken("response head too large")
                 return
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except HttpParserUpgrade:
             self.tunnel = True
             rest, self.raw = self.raw, b""
@@ -170,9 +178,9 @@ class UpstreamConnection:
             self.receiver = None
             receiver.upstream_lost(self, exc)
         # As the client side does: no cycle left for the collector (parser -> self).
-        self.parser = None
+        self.parser = self.feed = None
         self.flow.transport = None
-        self.transport = None
+        self.transport = self.send = None
 
     def pause_writing(self) -> None:
         if self.receiver is not None:
@@ -212,7 +220,7 @@ class UpstreamConnection:
             # the response ends here, and the next one needs a fresh parser.
             if rest:
                 self.reusable = False
-            self.parser = HttpResponseParser(self)
+            self._new_parser()
             self.done = True
 
     def on_body(self, body: bytes) -> None:
@@ -241,9 +249,9 @@ class UpstreamConnection:
         self.skip_body = skip_body
 
     def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not self.closed:
-            transport.write(data)
+        send = self.send
+        if send is not None and not self.closed:
+            send(data)
 
     def close(self) -> None:
         self.receiver = None

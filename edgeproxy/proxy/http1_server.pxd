@@ -19,7 +19,7 @@ cdef class ClientConnection(Downstream):
     cdef public Dataplane dp
     cdef public bytes scheme, port
     cdef public object queued, tunnel, upgrade_rest, backlog
-    cdef public object parser
+    cdef public object parser, feed
     cdef public double deadline
     cdef public Exchange exchange
     cdef public RequestHead parsing
@@ -31,6 +31,7 @@ cdef class ClientConnection(Downstream):
     cdef public Py_ssize_t line_end, header_count, requests
     cdef public Py_ssize_t head_fed, body_received, lingering
 
+    cdef object _new_parser(self)
     cdef _consume(self, bytes data)
     cdef _feed(self, bytes data)
     cdef _hold_for_upgrade(self, bytes data)

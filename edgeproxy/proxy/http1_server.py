@@ -95,7 +95,7 @@ class ClientConnection(Downstream):
         "backlog", "continuation", "feeding", "head_fed", "in_head", "lingering", "parser", "parsing", "parsing_queued", "port",
         "piece", "carry", "fresh_piece", "boundary", "line_mid", "line_end", "header_count",
         "requests",
-        "queued", "replaying", "scheme", "transport", "tunnel", "upgrade_rest",
+        "queued", "replaying", "scheme", "send", "feed", "transport", "tunnel", "upgrade_rest",
         "write_paused",
     )  # fmt: skip
 
@@ -104,9 +104,12 @@ class ClientConnection(Downstream):
         self.scheme = scheme
         self.port = port
         self.transport: Any = None
+        self.send: Any = None  # transport.write, bound once (Downstream)
         self.flow = FlowControl(None)
         self.wbuf: Any = []  # list[bytes]; None while shed
-        self.parser: Any = HttpRequestParser(self)  # None while idle and shed (shrink_idle)
+        self.parser: Any = None  # None while idle and shed (shrink_idle)
+        self.feed: Any = None  # parser.feed_data, bound with each new parser (_new_parser)
+        self._new_parser()
         self.info = ConnectionInfo(scheme, port, "", False)
         self.deadline = 0.0
         self.exchange: Exchange | None = None
@@ -138,8 +141,14 @@ class ClientConnection(Downstream):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
+    def _new_parser(self) -> Any:
+        parser = self.parser = HttpRequestParser(self)
+        self.feed = parser.feed_data
+        return parser
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.send = transport.write  # type: ignore[attr-defined]
         self.flow = FlowControl(transport)
         peer = transport.get_extra_info("peername")
         client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
@@ -194,7 +203,7 @@ class ClientConnection(Downstream):
         if self.exchange is None and self.queued is None and not self.in_head:
             self.deadline = self.dp.now + self.dp.client_header_timeout
             if self.parser is None:  # shrunk while idle (shrink_idle)
-                self.parser = HttpRequestParser(self)
+                self._new_parser()
                 self.wbuf = []
         self._consume(data)
         exchange = self.exchange
@@ -234,7 +243,6 @@ class ClientConnection(Downstream):
             self.feeding = False
 
     def _feed(self, data: bytes) -> None:
-        parser = self.parser
         for _ in range(64):  # each turn starts after an upgrade request; bounded by the read
             if not self.in_head:
                 self.carry = None
@@ -242,7 +250,7 @@ class ClientConnection(Downstream):
             self.piece = data
             self.fresh_piece = self.boundary
             try:
-                parser.feed_data(data)
+                self.feed(data)
                 if self.in_head:  # the head goes on in the next read: keep it, from its line on
                     carry = self.carry
                     if carry is None:
@@ -259,7 +267,7 @@ class ClientConnection(Downstream):
                     self._hold_for_upgrade(rest)  # a WebSocket request: the tunnel takes them
                     return
                 # Any other upgrade token is not ours to honour: parse on, as plain HTTP.
-                parser = self.parser = HttpRequestParser(self)
+                parser = self._new_parser()
                 self.boundary = True
                 head = self.parsing
                 if head.body_after_upgrade:
@@ -328,9 +336,9 @@ class ClientConnection(Downstream):
         # so that reference counting frees the connection now: left to the cycle collector,
         # every closed connection costs a collection's traversal (11% of a worker's busy time
         # with a new connection per request, py-spy).
-        self.parser = None
+        self.parser = self.feed = None
         self.flow.transport = None
-        self.transport = None
+        self.transport = self.send = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -466,7 +474,7 @@ class ClientConnection(Downstream):
             self._queue(ERROR_EVENT, status)
             self.parsing_queued = True
             self.in_head = False
-            self.parser = HttpRequestParser(self)  # nothing more is read from this one
+            self._new_parser()  # nothing more is read from this one
             self.boundary = True
             self.flow.pause(flow.PIPELINED)
             self.eof = True
@@ -590,8 +598,8 @@ class ClientConnection(Downstream):
     # -- output and the end ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        if not self.closed and self.send is not None:
+            self.send(data)
 
     def _fail(self, status: int) -> None:
         """Malformed or over-limit request: answer `status` and close (RFC 9112 11.2)."""
@@ -654,7 +662,7 @@ class ClientConnection(Downstream):
         if (self.exchange is None and not self.in_head and self.boundary and self.queued is None
                 and self.backlog is None and self.tunnel is None and self.upgrade_rest is None
                 and self.lingering < 0 and not self.closed and not self.wbuf):  # fmt: skip
-            self.parser = None
+            self.parser = self.feed = None
             self.wbuf = None
             self.parsing = NO_REQUEST
             self.carry = None
