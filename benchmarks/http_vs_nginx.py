@@ -4,7 +4,10 @@
 Layout (2 cores): the proxy under test (edgeproxy with one worker, or nginx with one worker
 and upstream keepalive) is pinned to core 0; wrk and the backend (nginx, one worker, a small
 fixed response) share core 1. Both proxies route by host and path and set X-Forwarded-* and
-X-Request-ID. Rounds alternate which proxy goes first; medians are reported.
+X-Request-ID. Rounds alternate which proxy goes first; medians are reported. Every round
+starts the proxies anew: a process's own luck (its hash seed, where its objects landed in
+memory) moved one edgeproxy process by up to 10% against a copy of itself, so a process kept
+for all rounds would carry it into every one (each round a new draw, the median over them).
 
 Per proxy and round: req/s and p99 from wrk, the proxy process's CPU time per request
 (utime+stime from /proc/PID/stat) and its read/write syscalls per request (/proc/PID/io).
@@ -117,6 +120,18 @@ def build_of(python: str) -> str:
 
 def nginx_bin() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def start_nginx(workdir: Path, name: str, http_block: str, core: int,
@@ -335,7 +350,7 @@ def main() -> int:
             access_log = ("access_log off;" if args.access_log == "off" else
                           f"log_format json escape=json '{NGINX_LOG_FORMAT}'; "
                           f"access_log {work}/nginx.access.log json buffer=64k flush=100ms;")  # fmt: skip
-            procs.append(start_nginx(work, "proxy", f"""
+            nginx_block = f"""
   upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
   {access_log}
   server {{
@@ -354,9 +369,7 @@ def main() -> int:
       proxy_set_header X-Forwarded-Port $server_port;
       proxy_set_header X-Request-ID $request_id;
     }}
-  }}""", 0, args.workers))  # fmt: skip
-            wait_port(nginx_port)
-            targets: dict[str, tuple[int, int]] = {"nginx": (procs[-1].pid, nginx_port)}
+  }}"""  # fmt: skip
             log_flags = ["--access-log", "off"] if args.access_log == "off" else []
             variants = [("edgeproxy", 0, ["--workers", str(args.workers)], edgeproxy)]
             if args.workers > 1:
@@ -377,27 +390,36 @@ def main() -> int:
                 tls_flags += ["--tls-min-version", args.tls_version, "--tls-max-version", args.tls_version]
             if args.no_resume:
                 tls_flags += ["--tls-session-resumption", "off"]
-            for name, extra, flags, command in variants:
-                flags = log_flags + flags + tls_flags  # a variant's own --access-log comes last
-                port, admin = free_port(), free_port()
-                proc = subprocess.Popen(
-                    ["taskset", "-c", cores(0), *command, "run",
-                     "--manifests", str(manifests(work, backend_port, extra, tls)),
-                     "--https" if tls else "--http", f"127.0.0.1:{port}",
-                     "--admin", f"127.0.0.1:{admin}",
-                     "--log-level", "warning", *flags],
-                    cwd=work, stdout=(work / f"{name}.access.log").open("ab"),
-                )  # fmt: skip
-                procs.append(proc)
-                wait_ready(admin, 180)  # the data port accepts early (backlog); ready is later
-                targets[name] = (proc.pid, port)
 
-            rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-            names = list(targets)
+            def start_proxies() -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+                """nginx and every edgeproxy variant, each new: name -> (process, port)."""
+                started = {"nginx": (start_nginx(work, "proxy", nginx_block, 0, args.workers), nginx_port)}
+                wait_port(nginx_port)
+                for name, extra, flags, command in variants:
+                    flags = log_flags + flags + tls_flags  # a variant's own --access-log comes last
+                    port, admin = free_port(), free_port()
+                    with (work / f"{name}.access.log").open("ab") as log:
+                        proc = subprocess.Popen(
+                            ["taskset", "-c", cores(0), *command, "run",
+                             "--manifests", str(manifests(work, backend_port, extra, tls)),
+                             "--https" if tls else "--http", f"127.0.0.1:{port}",
+                             "--admin", f"127.0.0.1:{admin}",
+                             "--log-level", "warning", *flags],
+                            cwd=work, stdout=log,
+                        )  # fmt: skip
+                    started[name] = (proc, port)
+                    wait_ready(admin, 180)  # the data port accepts early (backlog); ready is later
+                return started
+
+            names = ["nginx"] + [v[0] for v in variants]
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name in names}
             for r in range(args.rounds):
                 order = names if r % 2 == 0 else list(reversed(names))
+                targets = start_proxies()
+                procs += [proc for proc, _ in targets.values()]
                 for name in order:
-                    pid, port = targets[name]
+                    proc, port = targets[name]
+                    pid = proc.pid
                     result = measure(pid, port, args)
                     rounds[name].append(result)
                     print(f"round {r + 1} {name:22s} {result['rps']:9.0f} req/s  "
@@ -406,14 +428,9 @@ def main() -> int:
                           f"r/w {result['reads_per_req']:.2f}/{result['writes_per_req']:.2f} per req"
                           f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}",
                           flush=True)  # fmt: skip
+                stop([proc for proc, _ in targets.values()])
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(procs)
 
     summary = {}
     for name, results in rounds.items():
