@@ -192,7 +192,7 @@ async def test_the_convergence_histogram_counts_each_endpoint_slice_change(
         async def counted(n: int = i) -> bool:
             return await converged() == before + n
 
-        await eventually(counted, timeout=5, what=f"change {i} in the convergence histogram")
+        await eventually(counted, timeout=20, what=f"change {i} in the convergence histogram")
     m = await scrape(proxy.admin)
     assert value(m, "edgeproxy_watch_events_total", kind="EndpointSlice") >= 3
     # Every change is live in both workers within the histogram's largest finite bucket.
