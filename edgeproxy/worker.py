@@ -26,7 +26,7 @@ from typing import Any
 
 from edgeproxy.channel import Channel
 from edgeproxy.hosts import EndpointState
-from edgeproxy.memory import first_table_served, hold_collection
+from edgeproxy.memory import first_table_served, hold_collection, keep_buffer_memory
 from edgeproxy.tablesync import TableReceiver
 from edgeproxy.tls import SniCertificates, upstream_context
 
@@ -277,6 +277,7 @@ def _connections(cls: Any, dp: Any, scheme: bytes, port: bytes) -> Callable[[], 
 async def run(fd: int) -> None:
     loop = asyncio.get_running_loop()
     hold_collection(loop)  # until serve()
+    keep_buffer_memory()
     worker = Worker(loop)
     # The channel is the worker's before the first message arrives (which can be before
     # create_unix_connection returns).
