@@ -29,6 +29,43 @@ ALPN = ["http/1.1"]
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
 
+class _SslMethod:
+    """`sslobj.<name>` is the method of the _ssl object underneath itself (a C method)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return getattr(ssl.SSLObject, self.name)
+        raw = getattr(obj, "_sslobj", None)  # ssl.py's private name: if it goes, ssl.py's method
+        if raw is None:
+            return getattr(ssl.SSLObject, self.name).__get__(obj, owner)
+        return getattr(raw, self.name)
+
+
+class DirectSSLObject(ssl.SSLObject):
+    """ssl.SSLObject whose read, write and pending are the _ssl object's own C methods.
+
+    The event loop's TLS transport (uvloop's SSLProtocol, asyncio's too) looks these three up
+    once per connection and calls them for every record; ssl.py's versions only forward the
+    call, each through a Python frame (15-30 ns a call here: about 0.1 us of an HTTPS
+    request's 15-20 us of user CPU). Callers pass read's length, as both loops do.
+    """
+
+    read = _SslMethod("read")  # type: ignore[assignment]
+    write = _SslMethod("write")  # type: ignore[assignment]
+    pending = _SslMethod("pending")  # type: ignore[assignment]
+
+
+def direct(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """`ctx` wrapping connections in DirectSSLObject (SSLContext.sslobject_class)."""
+    ctx.sslobject_class = DirectSSLObject
+    return ctx
+
+
 class BadCertificate(Exception):
     pass
 
@@ -129,7 +166,7 @@ def secret_ticket_material(secret: dict[str, Any], where: str) -> bytes:
 
 
 def _new_server_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # 1.0/1.1 refused (RFC 8996)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     # Mozilla "intermediate": ECDHE with AEAD ciphers for 1.2; 1.3 suites are fixed by OpenSSL.
@@ -226,7 +263,7 @@ def secret_pem(secret: dict[str, Any], where: str) -> tuple[bytes, bytes]:
 
 def upstream_context() -> ssl.SSLContext:
     """Backends speaking TLS without a CA named: not verified, as ingress-nginx."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(ALPN)
@@ -265,7 +302,7 @@ class CertificateStore:
                         server_name: str | None) -> ssl.SSLContext:  # fmt: skip
         """Verify backends against the CA in Secret ns/name (ca.crt). A missing or bad CA gives
         a context that trusts nothing: the connection fails (502) rather than go unverified."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
         ctx.check_hostname = server_name is not None
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(ALPN)
@@ -434,7 +471,7 @@ class SniCertificates:
 
     def backend_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext:
         """Verify backends against the profile's CA; without one, trust nothing (502)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
         ctx.check_hostname = profile.server_name is not None
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(ALPN)

@@ -353,3 +353,84 @@ async def test_tls_versions_and_resumption_are_the_operators_choice(ca: trustme.
     only_13 = resume_client(ca, proxy.https, ssl.TLSVersion.TLSv1_3)
     with pytest.raises(ssl.SSLError):
         await asyncio.to_thread(only_13, None)
+
+
+def memory_tls_pair(ca: trustme.CA) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
+    """A server and a client SSLObject over memory BIOs, handshaken, the server's made by the
+    data plane's own context (tls.context_from_pem)."""
+    from edgeproxy import tls
+
+    cert = ca.issue_cert("secure.example.com")
+    server_ctx = tls.context_from_pem(b"".join(b.bytes() for b in cert.cert_chain_pems),
+                                      cert.private_key_pem.bytes(), "test")  # fmt: skip
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(to_server, to_client, server_side=True)
+    client = client_ctx.wrap_bio(to_client, to_server, server_hostname="secure.example.com")
+    for _ in range(10):  # a handshake is a few flights; bounded
+        done = 0
+        for end in (client, server):
+            try:
+                end.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        if done == 2:
+            break
+    else:
+        raise AssertionError("no handshake over memory BIOs")
+    return server, client, [to_server, to_client]
+
+
+def test_the_data_planes_tls_objects_read_and_write_through_the_c_methods(ca: trustme.CA) -> None:
+    """The event loop looks up read/write/pending once per connection: they must be the _ssl
+    object's own (no ssl.py frame per record) and behave as ssl.SSLObject's: lengths, buffers,
+    records split over reads, pending bytes, and close_notify as b""."""
+    server, client, _ = memory_tls_pair(ca)
+    assert type(server).__name__ == "DirectSSLObject"
+    for name in ("read", "write", "pending"):
+        assert getattr(server, name).__self__ is server._sslobj  # type: ignore[attr-defined]
+    payload = bytes(range(256)) * 300  # 76,800 bytes: five TLS records
+    assert server.write(payload) == len(payload)
+    received = b""
+    for _ in range(100):
+        try:
+            received += client.read(65536)
+        except ssl.SSLWantReadError:
+            break
+    assert received == payload
+    client.write(b"ping" * 10)
+    assert server.read(3) == b"pin" and server.pending() == 37
+    buffer = bytearray(100)
+    assert server.read(100, buffer) == 37 and bytes(buffer[:37]) == (b"ping" * 10)[3:]
+    assert server.pending() == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(1024)
+    try:
+        client.unwrap()  # sends close_notify
+    except ssl.SSLWantReadError:
+        pass
+    assert server.read(1024) == b""
+
+
+async def test_large_bodies_cross_https_both_ways_intact(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """Many records per message on the TLS listener: a 1 MiB upload and a 1 MiB download on
+    one keep-alive connection, byte for byte."""
+    import hashlib
+
+    port = await pods.start("127.0.0.2")
+    cert = ca.issue_cert("secure.example.com")
+    proxy = await proxy_factory(site_with_tls(port, [{"hosts": ["secure.example.com"], "secretName": "cert"}],
+                                              [tls_secret("cert", cert)]), https=True)  # fmt: skip
+    _, client = await handshake(proxy.https, "secure.example.com")
+    try:
+        upload = bytes(range(251)) * 4178  # 1,048,678 bytes, not a multiple of a record
+        resp = await client.request("POST", "/upload", host="secure.example.com", body=upload)
+        assert resp.status == 200
+        seen = json.loads(resp.body)
+        assert seen["body_len"] == len(upload) and seen["sha256"] == hashlib.sha256(upload).hexdigest()
+        resp = await client.request("GET", "/big/1048576", host="secure.example.com")
+        assert resp.status == 200 and resp.body == b"x" * 1048576
+    finally:
+        await client.close()

@@ -1,6 +1,8 @@
 # Cython declarations for dataplane.py (pure-Python mode): compiled, the codecs and the
 # exchange read these fields as C struct members instead of through a per-instance dict.
 
+cimport cython
+
 from edgeproxy.health cimport EndpointRegistry
 
 
@@ -27,6 +29,7 @@ cdef class Dataplane:
     cdef public dict figures, service_figures
     cdef public object unrouted, access_log
 
+    @cython.locals(memo=dict)  # its .get a C call, not a method lookup per request
     cpdef object route(self, str host, str path)
     cpdef str remember_host(self, bytes raw, str name)
     cpdef bytes request_id(self)
