@@ -134,8 +134,8 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(10)
 
 
-def start_nginx(workdir: Path, name: str, http_block: str, core: int,
-                workers: int = 1, connections: int = 4096) -> subprocess.Popen[bytes]:  # fmt: skip
+def start_nginx(workdir: Path, name: str, http_block: str, core: int, workers: int = 1,
+                connections: int = 4096, keepalive_requests: int = 1_000_000) -> subprocess.Popen[bytes]:  # fmt: skip
     conf = workdir / f"{name}.conf"
     conf.write_text(f"""
 worker_processes {workers};
@@ -148,7 +148,7 @@ error_log {workdir}/{name}.err warn;
 events {{ worker_connections {connections}; }}
 http {{
   access_log off;
-  keepalive_requests 1000000;
+  keepalive_requests {keepalive_requests};
   client_body_temp_path {workdir}/{name}-body;
   proxy_temp_path {workdir}/{name}-proxy;
   {http_block}
@@ -232,6 +232,10 @@ def proc_syscalls(pid: int) -> tuple[int, int]:
 
 
 MODE = "http"
+# Both proxies close a client connection after this many requests (nginx keepalive_requests,
+# edgeproxy --max-requests-per-connection; 1000 is each one's default). The proxy nginx had
+# 1,000,000 while edgeproxy kept 1000, so only edgeproxy reconnected (and re-handshook) under wrk.
+CLIENT_REQUESTS_PER_CONNECTION = 1000
 WORKERS = 1  # --workers: 1 pins proxy and load apart; more shares every core unpinned
 
 
@@ -393,7 +397,8 @@ def main() -> int:
 
             def start_proxies() -> dict[str, tuple[subprocess.Popen[bytes], int]]:
                 """nginx and every edgeproxy variant, each new: name -> (process, port)."""
-                started = {"nginx": (start_nginx(work, "proxy", nginx_block, 0, args.workers), nginx_port)}
+                started = {"nginx": (start_nginx(work, "proxy", nginx_block, 0, args.workers,
+                                                 keepalive_requests=CLIENT_REQUESTS_PER_CONNECTION), nginx_port)}  # fmt: skip
                 wait_port(nginx_port)
                 for name, extra, flags, command in variants:
                     flags = log_flags + flags + tls_flags  # a variant's own --access-log comes last
@@ -404,7 +409,8 @@ def main() -> int:
                              "--manifests", str(manifests(work, backend_port, extra, tls)),
                              "--https" if tls else "--http", f"127.0.0.1:{port}",
                              "--admin", f"127.0.0.1:{admin}",
-                             "--log-level", "warning", *flags],
+                             "--log-level", "warning", "--max-requests-per-connection",
+                             str(CLIENT_REQUESTS_PER_CONNECTION), *flags],
                             cwd=work, stdout=log,
                         )  # fmt: skip
                     started[name] = (proc, port)
