@@ -263,11 +263,36 @@ def run_wrk(port: int, duration: int, connections: int, core: int) -> dict[str, 
             "socket_errors": socket_errors.group(1) if socket_errors else ""}  # type: ignore[dict-item]  # fmt: skip
 
 
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def accept_queue_for(connections: int) -> None:
+    """Both proxies listen with a backlog the kernel caps at net.core.somaxconn (4096 by
+    default): wrk opening more connections at once than that drops SYNs, for either proxy,
+    and each costs a 1 s retry in p99. Raise it (as a node serving that many would be tuned)."""
+    try:
+        current = int(SOMAXCONN.read_text())
+        if current < 2 * connections:
+            SOMAXCONN.write_text(str(2 * connections))
+            print(f"net.core.somaxconn {current} -> {2 * connections} (for -c{connections})")
+    except (OSError, ValueError) as exc:
+        print(f"net.core.somaxconn left as it is ({exc}): expect listen drops at -c{connections}")
+
+
+def listen_drops() -> int:
+    """The machine's TcpExt ListenDrops: connections a full accept queue dropped (the client
+    retries its SYN after 1 s, a latency no proxy work explains)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+             if line.startswith("TcpExt:")]  # fmt: skip
+    return int(dict(zip(lines[0], lines[1], strict=True)).get("ListenDrops", 0)) if len(lines) == 2 else 0
+
+
 def measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
     run_wrk(port, 2, args.connections, 1)  # warm-up: pools filled, code paths hot
-    cpu0, (r0, w0) = proc_cpu_seconds(pid), proc_syscalls(pid)
+    cpu0, (r0, w0), drops0 = proc_cpu_seconds(pid), proc_syscalls(pid), listen_drops()
     result = run_wrk(port, args.duration, args.connections, 1)
-    cpu1, (r1, w1) = proc_cpu_seconds(pid), proc_syscalls(pid)
+    cpu1, (r1, w1), drops1 = proc_cpu_seconds(pid), proc_syscalls(pid), listen_drops()
+    result["listen_drops"] = drops1 - drops0
     n = max(1, result["requests"])
     result["user_us_per_req"] = (cpu1[0] - cpu0[0]) / n * 1e6
     result["sys_us_per_req"] = (cpu1[1] - cpu0[1]) / n * 1e6
@@ -312,6 +337,7 @@ def main() -> int:
     WORKERS = args.workers
     args.out = args.out or ROOT / "results" / f"{args.mode}.json"
     ensure_tools()
+    accept_queue_for(args.connections)
     tls: tuple[bytes, bytes] | None = None
     if args.mode != "http":
         sys.path.insert(0, str(ROOT))
@@ -335,8 +361,9 @@ def main() -> int:
                 (work / "body.bin").write_bytes(os.urandom(args.body_size))
                 body = f"location = {PATH} {{ default_type application/octet-stream; alias {work}/body.bin; }}"
             procs.append(start_nginx(work, "backend", f"""
-  server {{ listen 127.0.0.1:{backend_port} backlog=4096; {body}
-           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1))  # fmt: skip
+  server {{ listen 127.0.0.1:{backend_port} backlog=65535; {body}
+           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1,
+                connections=max(4096, 2 * args.connections)))  # fmt: skip
             wait_port(backend_port)
             nginx_port = free_port()
             ssl_directives = ""
@@ -358,7 +385,7 @@ def main() -> int:
   upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; keepalive_requests 1000000; }}
   {access_log}
   server {{
-    listen 127.0.0.1:{nginx_port} backlog=4096 {"ssl" if tls else ""};
+    listen 127.0.0.1:{nginx_port} backlog=65535 {"ssl" if tls else ""};
     server_name {HOST};
     {ssl_directives}
     location / {{ return 404; }}
@@ -398,6 +425,7 @@ def main() -> int:
             def start_proxies() -> dict[str, tuple[subprocess.Popen[bytes], int]]:
                 """nginx and every edgeproxy variant, each new: name -> (process, port)."""
                 started = {"nginx": (start_nginx(work, "proxy", nginx_block, 0, args.workers,
+                                                 connections=max(4096, 2 * args.connections),
                                                  keepalive_requests=CLIENT_REQUESTS_PER_CONNECTION), nginx_port)}  # fmt: skip
                 wait_port(nginx_port)
                 for name, extra, flags, command in variants:
@@ -432,7 +460,8 @@ def main() -> int:
                           f"p99 {result['p99_ms']:6.2f} ms  cpu {result['cpu_us_per_req']:5.1f} us/req "
                           f"(user {result['user_us_per_req']:4.1f})  "
                           f"r/w {result['reads_per_req']:.2f}/{result['writes_per_req']:.2f} per req"
-                          f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}",
+                          f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}"
+                          f"{'  listen drops ' + str(result['listen_drops']) if result['listen_drops'] else ''}",
                           flush=True)  # fmt: skip
                 stop([proc for proc, _ in targets.values()])
         finally:

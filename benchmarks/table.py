@@ -26,6 +26,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("http-c64-no-logs", "http, wrk -c64, access logs off in both",
      ["--mode", "http", "--connections", "64", "--access-log", "off"]),
     ("http-c1000", "http, wrk -c1000", ["--mode", "http", "--connections", "1000"]),
+    ("http-c5000", "http, wrk -c5000", ["--mode", "http", "--connections", "5000"]),
     ("https-c64", "https keep-alive, -c64", ["--mode", "https", "--connections", "64"]),
     ("https-c1000", "https keep-alive, -c1000", ["--mode", "https", "--connections", "1000"]),
     ("handshake-resumed", "a new TLS connection per request, resumed", ["--mode", "handshake"]),

@@ -27,7 +27,10 @@ from pathlib import Path
 
 log = logging.getLogger("edgeproxy.listeners")
 
-BACKLOG = 4096  # capped by net.core.somaxconn
+# The accept queue: the kernel takes min(this, net.core.somaxconn), so the node's setting
+# decides (ingress-nginx sets its backlog to somaxconn). A fixed 4096 dropped SYNs of a burst
+# of 5,000 connections on a node tuned higher (each costs the client a 1 s SYN retry).
+BACKLOG = 65535
 HANDOVER_TIMEOUT_S = 2.0
 MAX_HANDED_FDS = 250  # SCM_RIGHTS carries at most 253 descriptors per message
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeproxy.channel import Channel
 from edgeproxy.hosts import EndpointState
+from edgeproxy.listeners import BACKLOG
 from edgeproxy.memory import first_table_served, hold_collection, keep_buffer_memory
 from edgeproxy.tablesync import TableReceiver
 from edgeproxy.tls import SniCertificates, upstream_context
@@ -213,7 +214,7 @@ class Worker:
         them) leaves the sockets, and their accept queues, open."""
         for sock, factory, context in self.accepting:
             self.servers.append(await self.loop.create_server(
-                factory, sock=sock.dup(), ssl=context, backlog=4096))  # fmt: skip
+                factory, sock=sock.dup(), ssl=context, backlog=BACKLOG))  # fmt: skip  (uvloop listens again)
         if self.dp.accept_paused or self.stopping:  # paused again while these were made
             self._close_servers()
 
