@@ -461,7 +461,8 @@ def main() -> int:
                           f"(user {result['user_us_per_req']:4.1f})  "
                           f"r/w {result['reads_per_req']:.2f}/{result['writes_per_req']:.2f} per req"
                           f"{'  non-2xx ' + str(result['non_2xx']) if result['non_2xx'] else ''}"
-                          f"{'  listen drops ' + str(result['listen_drops']) if result['listen_drops'] else ''}",
+                          f"{'  listen drops ' + str(result['listen_drops']) if result['listen_drops'] else ''}"
+                          f"{'  wrk socket errors: ' + str(result['socket_errors']) if result['socket_errors'] else ''}",
                           flush=True)  # fmt: skip
                 stop([proc for proc, _ in targets.values()])
         finally:
