@@ -317,6 +317,24 @@ async def test_pool_follows_a_burst_and_every_request_is_answered(pods: Pods, pr
         assert opened >= 120 - 8 - 10  # only 8 were kept (a few may not have overlapped)
 
 
+async def test_a_burst_of_over_a_thousand_requests_keeps_its_upstream_connections(pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """1,100 concurrent requests, twice: the second burst reuses the first one's upstream
+    connections. With 1024 kept per endpoint, every burst past 1024 reopened the rest, and in
+    a saturated worker each of those connects waited up to 1.6 s (wrk -c5000)."""
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), "--workers", "1")
+
+    async def burst() -> list[int]:
+        return [r.status for r in await asyncio.gather(
+            *(fetch(proxy.http, "GET", "/slow/300") for _ in range(1100)))]  # fmt: skip
+
+    assert await burst() == [200] * 1100
+    first = pods.connections["127.0.0.2"]
+    assert first >= 1025  # the burst overlapped beyond the old bound
+    assert await burst() == [200] * 1100
+    assert pods.connections["127.0.0.2"] - first <= 30  # the burst's connections were kept
+
+
 async def test_a_worker_moves_big_bodies_in_memory_it_reuses(pods: Pods, proxy_factory: Any) -> None:
     """1 MiB responses written by the pod at once reach edgeproxy in reads of up to 256 KiB.
     Each piece must land in heap memory the worker already has: left to glibc's defaults,
