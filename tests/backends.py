@@ -38,7 +38,7 @@ class Pods:
         for address in addresses:
             server = await asyncio.start_server(
                 lambda r, w, a=address: self._serve(a, r, w), address, port or self.port or 0,
-                reuse_address=True, limit=1 << 20, backlog=4096,  # bursts of 1,000+ connects
+                reuse_address=True, limit=1 << 20,
             )  # fmt: skip
             self.port = server.sockets[0].getsockname()[1]
             self.servers.append(server)
