@@ -360,10 +360,11 @@ def main() -> int:
             if args.body_size:
                 (work / "body.bin").write_bytes(os.urandom(args.body_size))
                 body = f"location = {PATH} {{ default_type application/octet-stream; alias {work}/body.bin; }}"
+            nginx_connections = max(4096, 2 * args.connections)  # clients and upstreams
             procs.append(start_nginx(work, "backend", f"""
   server {{ listen 127.0.0.1:{backend_port} backlog=65535; {body}
            location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1,
-                connections=max(4096, 2 * args.connections)))  # fmt: skip
+                connections=nginx_connections))  # fmt: skip
             wait_port(backend_port)
             nginx_port = free_port()
             ssl_directives = ""
@@ -425,7 +426,7 @@ def main() -> int:
             def start_proxies() -> dict[str, tuple[subprocess.Popen[bytes], int]]:
                 """nginx and every edgeproxy variant, each new: name -> (process, port)."""
                 started = {"nginx": (start_nginx(work, "proxy", nginx_block, 0, args.workers,
-                                                 connections=max(4096, 2 * args.connections),
+                                                 connections=nginx_connections,
                                                  keepalive_requests=CLIENT_REQUESTS_PER_CONNECTION), nginx_port)}  # fmt: skip
                 wait_port(nginx_port)
                 for name, extra, flags, command in variants:

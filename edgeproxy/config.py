@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 CONTROLLER_NAME = "edgeproxy.io/ingress-controller"
 SERVER_NAME = "edgeproxy"
+# Client connections per worker, and the upstream pool's default idle bound (see Settings).
+MAX_CONNECTIONS = 16384
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Settings:
     # anyway; the default is max_connections (HAProxy keeps every idle one, pool-max-conn -1).
     # At 1024, wrk -c5000 reopened thousands of upstream connections per run, and under a
     # saturated loop each connect waited 0.3-1.6 s: p99 1.6-2 s and requests over 2 s.
-    upstream_max_idle_per_endpoint: int = 16384
+    upstream_max_idle_per_endpoint: int = MAX_CONNECTIONS
     # nginx large_client_header_buffers is 4 x 8k; 32 KiB of header section -> 431 beyond.
     max_header_bytes: int = 32 * 1024
     # One line must fit one of nginx's 8k buffers: a longer request line is 414, a longer
@@ -57,7 +59,7 @@ class Settings:
     max_requests_per_connection: int = 1000
     # Client connections per worker; at the limit the worker stops accepting until it is under
     # 90% of it (nginx worker_connections, HAProxy maxconn). Others wait in the accept queue.
-    max_connections: int = 16384
+    max_connections: int = MAX_CONNECTIONS
     # Parsed events of pipelined requests (a head, a body piece, an end) held while one is in
     # flight; beyond, reading pauses.
     max_pipelined: int = 64

@@ -261,12 +261,18 @@ def secret_pem(secret: dict[str, Any], where: str) -> tuple[bytes, bytes]:
         raise BadCertificate(f"{where}: needs data tls.crt and tls.key (base64 PEM)") from None
 
 
+def _new_client_context() -> ssl.SSLContext:
+    """A context for connections to backends (each caller sets its verification)."""
+    ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
 def upstream_context() -> ssl.SSLContext:
     """Backends speaking TLS without a CA named: not verified, as ingress-nginx."""
-    ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx = _new_client_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(ALPN)
     return ctx
 
 
@@ -302,10 +308,9 @@ class CertificateStore:
                         server_name: str | None) -> ssl.SSLContext:  # fmt: skip
         """Verify backends against the CA in Secret ns/name (ca.crt). A missing or bad CA gives
         a context that trusts nothing: the connection fails (502) rather than go unverified."""
-        ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        ctx = _new_client_context()
         ctx.check_hostname = server_name is not None
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.set_alpn_protocols(ALPN)
         secret = snapshot.objects.get(("Secret", ns, name))
         label = f"Secret {ns}/{name} (backend CA of {where})"
         try:
@@ -471,10 +476,9 @@ class SniCertificates:
 
     def backend_context(self, profile: TransportProfile, where: str) -> ssl.SSLContext:
         """Verify backends against the profile's CA; without one, trust nothing (502)."""
-        ctx = direct(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        ctx = _new_client_context()
         ctx.check_hostname = profile.server_name is not None
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.set_alpn_protocols(ALPN)
         ca = self.cas.get(profile.ca_secret) if profile.ca_secret is not None else None
         if ca is not None:
             try:

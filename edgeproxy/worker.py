@@ -213,8 +213,9 @@ class Worker:
         """Serve the listening sockets. The servers get duplicates, so that pausing (closing
         them) leaves the sockets, and their accept queues, open."""
         for sock, factory, context in self.accepting:
+            # uvloop calls listen() again on the socket: the same queue length as bind_socket's.
             self.servers.append(await self.loop.create_server(
-                factory, sock=sock.dup(), ssl=context, backlog=BACKLOG))  # fmt: skip  (uvloop listens again)
+                factory, sock=sock.dup(), ssl=context, backlog=BACKLOG))  # fmt: skip
         if self.dp.accept_paused or self.stopping:  # paused again while these were made
             self._close_servers()
 

@@ -355,7 +355,7 @@ async def test_tls_versions_and_resumption_are_the_operators_choice(ca: trustme.
         await asyncio.to_thread(only_13, None)
 
 
-def memory_tls_pair(ca: trustme.CA) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
+def memory_tls_pair(ca: trustme.CA) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A server and a client SSLObject over memory BIOs, handshaken, the server's made by the
     data plane's own context (tls.context_from_pem)."""
     from edgeproxy import tls
@@ -380,14 +380,14 @@ def memory_tls_pair(ca: trustme.CA) -> tuple[ssl.SSLObject, ssl.SSLObject, list[
             break
     else:
         raise AssertionError("no handshake over memory BIOs")
-    return server, client, [to_server, to_client]
+    return server, client
 
 
 def test_the_data_planes_tls_objects_read_and_write_through_the_c_methods(ca: trustme.CA) -> None:
     """The event loop looks up read/write/pending once per connection: they must be the _ssl
     object's own (no ssl.py frame per record) and behave as ssl.SSLObject's: lengths, buffers,
     records split over reads, pending bytes, and close_notify as b""."""
-    server, client, _ = memory_tls_pair(ca)
+    server, client = memory_tls_pair(ca)
     assert type(server).__name__ == "DirectSSLObject"
     for name in ("read", "write", "pending"):
         assert getattr(server, name).__self__ is server._sslobj  # type: ignore[attr-defined]
