@@ -25,6 +25,7 @@ HOT_PATH = [
     "edgeproxy/proxy/dataplane.py",
     "edgeproxy/proxy/exchange.py",
     "edgeproxy/proxy/http1_server.py",
+    "edgeproxy/proxy/tls_server.py",
     "edgeproxy/proxy/_heads.pyx",
     "edgeproxy/_accesslog.pyx",
 ]

@@ -200,6 +200,8 @@ class Worker:
             if context is not None:
                 self._apply_ticket_keys(context)
             factory = _connections(ClientConnection, dp, scheme.encode(), str(port).encode())
+            if context is not None:
+                factory = _tls_terminated(context, factory, dp)
             for fd in fds:
                 self.accepting.append((socket.socket(fileno=fd), protocol_factory(factory), context))
         await self._accept()
@@ -212,10 +214,11 @@ class Worker:
     async def _accept(self) -> None:
         """Serve the listening sockets. The servers get duplicates, so that pausing (closing
         them) leaves the sockets, and their accept queues, open."""
-        for sock, factory, context in self.accepting:
+        for sock, factory, _ in self.accepting:
             # uvloop calls listen() again on the socket: the same queue length as bind_socket's.
+            # TLS is the factory's (tls_server), not the loop's.
             self.servers.append(await self.loop.create_server(
-                factory, sock=sock.dup(), ssl=context, backlog=BACKLOG))  # fmt: skip
+                factory, sock=sock.dup(), backlog=BACKLOG))  # fmt: skip
         if self.dp.accept_paused or self.stopping:  # paused again while these were made
             self._close_servers()
 
@@ -274,6 +277,21 @@ class Worker:
 
 def _connections(cls: Any, dp: Any, scheme: bytes, port: bytes) -> Callable[[], Any]:
     return lambda: cls(dp, scheme, port)
+
+
+def _tls_terminated(context: Any, codec: Callable[[], Any], dp: Any) -> Callable[[], Any]:
+    """Each connection TLS-terminated (tls_server), then given to a codec from `codec`."""
+    from edgeproxy.proxy.local import local_response
+    from edgeproxy.proxy.tls_server import TLSServerTransport
+
+    body = b"400 Bad Request: the plain HTTP request was sent to HTTPS port\n"
+
+    def plain_refusal() -> bytes:
+        dp.status_counts[400] += 1
+        return local_response(400, body, dp.date.at_now(), close=True)
+
+    loop, timeout = dp.loop, dp.client_header_timeout
+    return lambda: TLSServerTransport(context, codec, loop, timeout, plain_refusal)
 
 
 async def run(fd: int) -> None:

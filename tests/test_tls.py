@@ -434,3 +434,114 @@ async def test_large_bodies_cross_https_both_ways_intact(ca: trustme.CA, pods: P
         assert resp.status == 200 and resp.body == b"x" * 1048576
     finally:
         await client.close()
+
+
+class MemoryTLSClient:
+    """A TLS client over a plain TCP stream and memory BIOs, so that a test decides when
+    close_notify goes out (an asyncio SSL stream sends it only as it closes)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server_name: str) -> None:  # fmt: skip
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_name)
+
+    @classmethod
+    async def connect(cls, port: int, server_name: str) -> MemoryTLSClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer, server_name)
+        for _ in range(20):
+            try:
+                client.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                client.writer.write(client.outgoing.read())
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the server closed during the handshake"
+                client.incoming.write(data)
+        else:
+            raise AssertionError("no handshake")
+        client.writer.write(client.outgoing.read())
+        return client
+
+    def send(self, data: bytes, *, then_close_notify: bool = False) -> None:
+        self.tls.write(data)
+        if then_close_notify:
+            try:
+                self.tls.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # sent; the server's comes later
+        self.writer.write(self.outgoing.read())  # one flight: the request and close_notify
+
+    async def read_to_close_notify(self) -> bytes:
+        """Plaintext until the server's close_notify (or the TCP end)."""
+        received = b""
+        for _ in range(1000):
+            data = await asyncio.wait_for(self.reader.read(65536), 10)
+            if not data:
+                return received
+            self.incoming.write(data)
+            for _ in range(1000):
+                try:
+                    chunk = self.tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    return received
+                if not chunk:
+                    return received
+                received += chunk
+        raise AssertionError("no end")
+
+
+async def test_a_request_followed_by_close_notify_is_still_answered(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """close_notify right after a request is the TLS form of a half-close (RFC 8446 6.1): the
+    request is answered, then the server sends its own close_notify, as over plain TCP."""
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), https=True)
+    client = await MemoryTLSClient.connect(proxy.https, "x")
+    try:
+        client.send(b"GET /slow/50 HTTP/1.1\r\nHost: x\r\n\r\n", then_close_notify=True)
+        answer = await client.read_to_close_notify()
+    finally:
+        client.writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:200]
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))  # fmt: skip
+    assert len(body) == length and json.loads(body)["target"] == "/slow/50"
+
+
+async def test_plain_http_on_the_https_port_is_answered_400(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """As nginx: "The plain HTTP request was sent to HTTPS port", in plain text, then the
+    connection closes; TLS on the same port still works."""
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), https=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+    assert b"\r\nConnection: close\r\n" in answer
+    assert answer.endswith(b"the plain HTTP request was sent to HTTPS port\n")
+    _, client = await handshake(proxy.https, "x")
+    assert (await client.request("GET", "/", host="x")).status == 200
+    await client.close()
+
+
+async def test_a_client_that_never_finishes_its_handshake_is_closed_after_the_header_timeout(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """The handshake is bounded by --client-header-timeout (as nginx's client_header_timeout
+    was before ssl_handshake_timeout), not left open for the loop's 60 s."""
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), "--client-header-timeout", "1",
+                                https=True)  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https)
+    try:
+        writer.write(b"\x16\x03\x01")  # the start of a TLS record, and nothing more
+        assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the server
+    finally:
+        writer.close()

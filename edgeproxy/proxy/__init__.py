@@ -18,7 +18,8 @@ def compiled_modules() -> list[str]:
     """The modules setup.py compiles (besides _heads.pyx and edgeproxy/_accesslog.pyx)."""
     return ["edgeproxy.hosts", "edgeproxy.health", "edgeproxy.balancing"] + [
         f"edgeproxy.proxy.{name}" for name in (
-            "flow", "observe", "message", "http1_client", "pool", "forward", "binding", "dataplane", "exchange", "http1_server")
+            "flow", "observe", "message", "http1_client", "pool", "forward", "binding", "dataplane", "exchange", "http1_server",
+            "tls_server")
     ]  # fmt: skip
 
 

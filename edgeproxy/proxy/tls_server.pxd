@@ -1,0 +1,16 @@
+# Cython declarations for tls_server.py (pure-Python mode): compiled, the TLS layer is an
+# extension type; uvloop calls its protocol methods, the codec its transport methods.
+
+cdef class TLSServerTransport:
+    cdef public object app, app_factory, context, loop, plain_refusal
+    cdef public object tcp, tls, incoming, outgoing, timer
+    cdef public double timeout
+    cdef public bint closing, eof, fresh, handshaking, paused
+    cdef public Py_ssize_t lingering
+
+    cdef _handshake(self, bytes data)
+    cdef _handshake_failed(self, str reason)
+    cdef _refuse_plain(self)
+    cdef _read(self)
+    cdef _input_ended(self)
+    cdef _flush(self)
