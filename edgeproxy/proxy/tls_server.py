@@ -62,7 +62,7 @@ class TLSServerTransport:
                  loop: asyncio.AbstractEventLoop, timeout: float,
                  plain_refusal: Callable[[], bytes] | None = None) -> None:  # fmt: skip
         self.context = context
-        self.app_factory = app_factory
+        self.app_factory: Any = app_factory
         self.loop = loop
         self.timeout = timeout  # for the handshake (nginx client_header_timeout)
         self.plain_refusal = plain_refusal  # the answer to plain HTTP on this port
