@@ -126,3 +126,13 @@ def test_c_join_and_request_id_digits_match_python() -> None:
     parts = [b"GET", b" ", b"/a?b", b" HTTP/1.1\r\n", b"", b"X: " * 100]
     assert join_bytes(parts) == headers.join_bytes_py(parts)
     assert join_bytes([b"a", bytearray(b"b")]) == b"ab"  # not all bytes: the general join
+
+
+def test_connection_tokens_are_remembered_within_a_bound() -> None:
+    """Common Connection values are parsed once; a client inventing values fills no memory."""
+    values = [b"Keep-Alive, X-Trace-%d " % i for i in range(3 * headers.MAX_REMEMBERED_TOKENS)]
+    for _ in range(2):  # the second pass reads what the first remembered (or parses again)
+        for i, value in enumerate(values):
+            assert headers.connection_tokens(value) == {b"keep-alive", b"x-trace-%d" % i}
+    assert len(headers._TOKENS) <= headers.MAX_REMEMBERED_TOKENS
+    assert headers.connection_tokens(b"close") == {b"close"}

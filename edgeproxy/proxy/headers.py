@@ -37,8 +37,20 @@ WATCHED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"server", 
                             b"keep-alive", b"upgrade"})  # fmt: skip
 
 
+_TOKENS: dict[bytes, frozenset[bytes]] = {}  # Connection values seen: a few, in real traffic
+MAX_REMEMBERED_TOKENS = 64
+
+
 def connection_tokens(value: bytes) -> frozenset[bytes]:
-    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+    """The tokens of a Connection field value, lower-cased. Browsers send "keep-alive" on
+    every request and many clients "close": parsed once, not per request (bounded, so odd
+    values cost only their parse)."""
+    tokens = _TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+        if len(_TOKENS) < MAX_REMEMBERED_TOKENS:
+            _TOKENS[value] = tokens
+    return tokens
 
 
 def scan_response_head_py(raw: bytes) -> tuple[bytes, bytes | None, bool, bytes]:

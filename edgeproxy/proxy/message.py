@@ -122,7 +122,8 @@ class RequestHead:
         elif lname == b"content-length":
             self.content_length = int(value)  # llhttp checked: digits, duplicates agree
         elif lname == b"connection":
-            self.conn_tokens = self.conn_tokens | connection_tokens(value)
+            tokens = connection_tokens(value)
+            self.conn_tokens = self.conn_tokens | tokens if self.conn_tokens else tokens
         elif lname == b"transfer-encoding":
             self.te = value if self.te is None else self.te + b", " + value
         elif lname == b"x-forwarded-for":
