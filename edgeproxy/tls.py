@@ -26,6 +26,7 @@ from edgeproxy.routing import TransportProfile
 log = logging.getLogger("edgeproxy.tls")
 
 ALPN = ["http/1.1"]
+MAX_REMEMBERED_NAMES = 4096  # SNI names whose context a worker remembers
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 
 
@@ -435,11 +436,14 @@ class SniCertificates:
         self.contexts: dict[bytes, ssl.SSLContext] = {}
         self.cas: dict[tuple[str, str], bytes | None] = {}
         self.options: dict[str, Any] = {}  # configure_server's keywords (the worker's settings)
+        # SNI name -> context, for the handshakes to come (the SNI callback runs in every one).
+        self.by_name: dict[str | None, ssl.SSLContext] = {}
 
     def update(self, exact: dict[str, bytes], wildcard: dict[str, bytes], default_id: bytes,
                pems: dict[bytes, tuple[bytes, bytes]]) -> None:  # fmt: skip
         self.pems.update(pems)
         self.exact, self.wildcard, self.default_id = exact, wildcard, default_id
+        self.by_name = {}
         live = set(exact.values()) | set(wildcard.values()) | {default_id}
         for fp in [fp for fp in self.pems if fp not in live]:
             del self.pems[fp]
@@ -465,7 +469,13 @@ class SniCertificates:
         return self._context(self.default_id)
 
     def _on_sni(self, sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        sock.context = self.context_for(server_name)
+        ctx = self.by_name.get(server_name)
+        if ctx is None:
+            ctx = self.context_for(server_name)
+            if len(self.by_name) >= MAX_REMEMBERED_NAMES:
+                self.by_name.clear()  # bounded: a client inventing names costs only lookups
+            self.by_name[server_name] = ctx
+        sock.context = ctx
 
     def server_context(self) -> ssl.SSLContext:
         """The listener's context: its SNI callback swaps in the certificate for the name."""
