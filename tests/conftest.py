@@ -83,11 +83,24 @@ class EdgeProxy:
         return self.log_path.read_text(errors="replace")
 
     def rss_kib(self, field: str = "VmHWM") -> int:
+        """`field` of /proc/PID/status, summed over the supervisor and its workers (the data
+        plane's memory is in the workers)."""
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
+        total = 0
+        for pid in [self.proc.pid, *self._children(self.proc.pid)]:
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except FileNotFoundError:
+                continue  # a worker that has just exited
+            total += next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+        return total
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except FileNotFoundError:
+            return []
 
     async def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -545,3 +545,25 @@ async def test_a_client_that_never_finishes_its_handshake_is_closed_after_the_he
         assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the server
     finally:
         writer.close()
+
+
+async def test_a_slow_https_client_holds_the_upstream_back(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
+    """The TLS layer passes the socket's write pressure on to the codec: a client that does
+    not read a 64 MiB download makes edgeproxy stop reading the upstream, not buffer it all."""
+    size = 64 * 1024 * 1024
+    port = await pods.start("127.0.0.2")
+    proxy = await proxy_factory(simple_site(port, "127.0.0.2"), https=True)
+    before = proxy.rss_kib()
+    _, client = await handshake(proxy.https, "x")
+    try:
+        await client.send_raw(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        head = await read_head(client.reader)
+        assert head is not None and head.status == 200
+        await asyncio.sleep(0.5)  # not reading: what edgeproxy holds meanwhile is what it buffered
+        held_mib = (proxy.rss_kib() - before) / 1024
+        received = [0]
+        await read_body(client.reader, head, request=False, sink=received)
+        assert received[0] == size
+    finally:
+        await client.close()
+    assert held_mib < 32, f"edgeproxy grew by {held_mib:.0f} MiB while its client did not read"
