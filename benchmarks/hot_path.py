@@ -5,7 +5,11 @@ Drives a ClientConnection (http1_server) and a pooled UpstreamConnection (http1_
 transports that only count bytes, so the figure is the interpreter's share of the hot path (the kernel's is not in it).
 
     python benchmarks/hot_path.py [--exchanges 200000] [--profile] [--opcodes] [--browser]
-                                  [--ingresses N]
+                                  [--ingresses N] [--tls-connections N [--resume]]
+
+--tls-connections: instead, N new TLS connections with one request each (Connection: close),
+through tls_server's TLS layer and the codec, the handshake over memory BIOs with a client in
+the same process (whose crypto is counted too: compare builds, not absolute figures).
 
 For a figure that does not depend on the machine's noise, count instructions: run it under
 `valgrind --tool=callgrind` with --exchanges 2000 and 12000 and divide the difference by 10,000.
@@ -47,6 +51,92 @@ BROWSER_REQUEST = (
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 14:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 23\r\nConnection: keep-alive\r\n\r\n"
             b"hello from the backend\n")
+
+
+class PipeTransport(asyncio.Transport):
+    """The TCP side of a TLS connection: keeps what is written, for the client to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.out.append(data)
+
+    def take(self) -> bytes:
+        data, self.out = b"".join(self.out), []
+        return data
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume: bool) -> None:
+    """n connections: handshake, one request, the response, close (as uvloop would drive it)."""
+    import ssl
+
+    from edgeproxy.proxy.tls_server import TLSServerTransport
+    from edgeproxy.tls import SniCertificates, self_signed_pem
+
+    certs = SniCertificates()
+    certs.update({"bench.example.com": b"c"}, {}, b"c", {b"c": self_signed_pem("bench.example.com")})
+    server_ctx = certs.server_context()
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    request = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nConnection: close\r\n\r\n"
+    session = None
+    for _ in range(n):
+        tcp = PipeTransport()
+        server = TLSServerTransport(server_ctx, lambda: ClientConnection(dp, b"https", b"443"), dp)
+        server.connection_made(tcp)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_ctx.wrap_bio(incoming, outgoing, server_hostname="bench.example.com",
+                                     session=session if resume else None)  # fmt: skip
+        for _ in range(10):
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                server.data_received(outgoing.read())
+                incoming.write(tcp.take())
+        client.write(request)
+        server.data_received(outgoing.read())
+        upstream.data_received(RESPONSE)
+        incoming.write(tcp.take())
+        answer = b""
+        for _ in range(10):
+            try:
+                chunk = client.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and tcp.closed, answer[:100]
+        session = client.session
+        server.connection_lost(None)
+        if not upstream.idle_list:
+            upstream.idle_list.append(upstream)
 
 
 class CountingTransport(asyncio.Transport):
@@ -102,6 +192,9 @@ def main() -> int:
                         help="write the access log there (e.g. /dev/null), as a worker does")
     parser.add_argument("--opcodes", action="store_true",
                         help="count bytecodes per exchange, by function (sys.settrace; slow)")
+    parser.add_argument("--tls-connections", type=int, default=0, metavar="N",
+                        help="N new TLS connections of one request each, instead of exchanges")
+    parser.add_argument("--resume", action="store_true", help="with --tls-connections: resumed")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     # One client connection carries every exchange: no cap on its requests.
@@ -128,6 +221,14 @@ def main() -> int:
     up_transport = CountingTransport()
     upstream.connection_made(up_transport)
     idle.append(upstream)
+    if args.tls_connections:
+        started = time.perf_counter()
+        tls_connections(dp, upstream, args.tls_connections, args.resume)
+        elapsed = time.perf_counter() - started
+        print(f"build: {'compiled' if compiled() else 'pure Python'}")
+        print(f"{elapsed / args.tls_connections * 1e6:.1f} us per TLS connection, client included "
+              f"({args.tls_connections}, {'resumed' if args.resume else 'full'} handshakes)")  # fmt: skip
+        return 0
     client = ClientConnection(dp, b"http", b"80")
     down_transport = CountingTransport()
     client.connection_made(down_transport)

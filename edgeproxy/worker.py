@@ -290,8 +290,7 @@ def _tls_terminated(context: Any, codec: Callable[[], Any], dp: Any) -> Callable
         dp.status_counts[400] += 1
         return local_response(400, body, dp.date.at_now(), close=True)
 
-    loop, timeout = dp.loop, dp.client_header_timeout
-    return lambda: TLSServerTransport(context, codec, loop, timeout, plain_refusal)
+    return lambda: TLSServerTransport(context, codec, dp, plain_refusal)
 
 
 async def run(fd: int) -> None:

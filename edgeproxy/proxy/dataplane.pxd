@@ -20,7 +20,7 @@ cdef class Dataplane:
     cdef public dict connection_infos
     cdef public double _last_shrink
     cdef public object accept_hook
-    cdef public set connections
+    cdef public set connections, handshaking
     cdef public list status_counts
     cdef public Py_ssize_t retries, rid_counter
     cdef public bint draining

@@ -53,6 +53,7 @@ class Dataplane:
         self.pool = UpstreamPool(loop, settings.upstream_max_idle_per_endpoint,
                                  settings.max_upstream_header_bytes)  # fmt: skip
         self.connections: set[Any] = set()  # client connections, for the deadline sweep
+        self.handshaking: set[Any] = set()  # TLS connections not handed to a codec yet, too
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
         self.connection_infos: dict[Any, Any] = {}  # (port, client ip) -> ConnectionInfo, shared
         self._last_shrink = 0.0
@@ -269,6 +270,9 @@ class Dataplane:
                 due.append(conn)
         for conn in due:
             conn.deadline_passed()
+        if self.handshaking:  # TLS connections still in their handshake (tls_server)
+            for tls in [t for t in self.handshaking if t.deadline <= now]:
+                tls.deadline_passed()
         if now - self._last_shrink >= SHRINK_INTERVAL:
             # Keep-alive connections idle for SHRINK_INTERVAL give back their parser (their
             # deadline is their last activity plus the keep-alive timeout).

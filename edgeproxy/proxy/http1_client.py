@@ -125,7 +125,7 @@ class UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.send = transport.write  # type: ignore[attr-defined]
-        self.flow = FlowControl(transport)
+        self.flow.transport = transport
 
     def eof_received(self) -> bool:
         if self.tunnel and self.receiver is not None:

@@ -50,6 +50,7 @@ FEED_SLICE = 16 * 1024
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 8 * 1024 * 1024
 NO_REQUEST = RequestHead()  # what `parsing` holds before the first request
+NO_CONNECTION = ConnectionInfo(b"", b"", "", False)  # what `info` holds before connection_made
 MAX_SHARED_INFOS = 4096
 # With more client connections than this in a worker, a keep-alive connection sheds its parser
 # as soon as it is idle (a new one costs about 0.3 us at its next request; below, after 1 s).
@@ -110,7 +111,7 @@ class ClientConnection(Downstream):
         self.parser: Any = None  # None while idle and shed (shrink_idle)
         self.feed: Any = None  # parser.feed_data, bound with each new parser (_new_parser)
         self._new_parser()
-        self.info = ConnectionInfo(scheme, port, "", False)
+        self.info = NO_CONNECTION  # (one made here would format its forwarding lines for nothing)
         self.deadline = 0.0
         self.exchange: Exchange | None = None
         self.parsing: RequestHead = NO_REQUEST  # replaced at each message's first byte
@@ -149,7 +150,7 @@ class ClientConnection(Downstream):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.send = transport.write  # type: ignore[attr-defined]
-        self.flow = FlowControl(transport)
+        self.flow.transport = transport
         peer = transport.get_extra_info("peername")
         client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         # One ConnectionInfo per (listener, client address): immutable, so connections from one

@@ -2,9 +2,9 @@
 # extension type; uvloop calls its protocol methods, the codec its transport methods.
 
 cdef class TLSServerTransport:
-    cdef public object app, app_factory, context, loop, plain_refusal
-    cdef public object tcp, tls, incoming, outgoing, timer
-    cdef public double timeout
+    cdef public object app, app_factory, context, dp, loop, plain_refusal
+    cdef public object tcp, tls, incoming, outgoing
+    cdef public double deadline
     cdef public bint closing, eof, fresh, handshaking, paused
     cdef public Py_ssize_t lingering
 

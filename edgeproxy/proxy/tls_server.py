@@ -54,24 +54,25 @@ class TLSServerTransport:
     extension type; uvloop and the codec only call its methods)."""
 
     __slots__ = (
-        "app", "app_factory", "closing", "context", "eof", "fresh", "handshaking", "incoming", "loop",
-        "outgoing", "paused", "plain_refusal", "lingering", "tcp", "timeout", "timer", "tls",
+        "app", "app_factory", "closing", "context", "deadline", "dp", "eof", "fresh", "handshaking",
+        "incoming", "loop", "outgoing", "paused", "plain_refusal", "lingering", "tcp", "tls",
     )  # fmt: skip
 
-    def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], Any],
-                 loop: asyncio.AbstractEventLoop, timeout: float,
+    def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], Any], dp: Any,
                  plain_refusal: Callable[[], bytes] | None = None) -> None:  # fmt: skip
         self.context = context
         self.app_factory: Any = app_factory
-        self.loop = loop
-        self.timeout = timeout  # for the handshake (nginx client_header_timeout)
+        # The data plane: its clock, its loop, and its sweep, which calls deadline_passed once
+        # `deadline` is past while the handshake lasts (a timer per connection costs more).
+        self.dp = dp
+        self.loop: asyncio.AbstractEventLoop = dp.loop
+        self.deadline = 0.0
         self.plain_refusal = plain_refusal  # the answer to plain HTTP on this port
         self.app: Any = None  # the codec, once the handshake is done
         self.tcp: Any = None
         self.tls: Any = None
         self.incoming: Any = None
         self.outgoing: Any = None
-        self.timer: Any = None
         self.handshaking = True
         self.fresh = True  # no byte arrived yet
         self.closing = False
@@ -91,7 +92,9 @@ class TLSServerTransport:
             log.warning("cannot start TLS on a client connection: %s", exc)
             transport.abort()
             return
-        self.timer = self.loop.call_later(self.timeout, self._timed_out)
+        dp = self.dp
+        self.deadline = dp.now + dp.client_header_timeout  # nginx's bound on a handshake
+        dp.handshaking.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.handshaking:
@@ -115,10 +118,7 @@ class TLSServerTransport:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        self.dp.handshaking.discard(self)
         app = self.app
         self.tcp = self.tls = self.app = self.app_factory = None  # no cycles left to collect
         if app is not None:
@@ -156,10 +156,7 @@ class TLSServerTransport:
             self._handshake_failed(str(exc))
             return
         self.handshaking = False
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        self.dp.handshaking.discard(self)
         self._flush()  # the server's last flight, session tickets
         app = self.app = self.app_factory()
         app.connection_made(self)
@@ -186,8 +183,9 @@ class TLSServerTransport:
         else:
             tcp.close()
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def deadline_passed(self) -> None:
+        """The handshake (or the lingering after a plain-HTTP refusal) took too long."""
+        self.dp.handshaking.discard(self)
         if self.tcp is not None and (self.handshaking or self.lingering >= 0):
             self.closing = True
             self.tcp.abort()
