@@ -90,8 +90,10 @@ class PipeTransport(asyncio.Transport):
         pass
 
 
-def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume: bool) -> None:
-    """n connections: handshake, one request, the response, close (as uvloop would drive it)."""
+def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume: bool,
+                    requests: int = 1) -> None:  # fmt: skip
+    """n connections: handshake, `requests` requests (the last with Connection: close), their
+    responses, close (as uvloop would drive it)."""
     import ssl
 
     from edgeproxy.proxy.tls_server import TLSServerTransport
@@ -103,7 +105,8 @@ def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume:
     client_ctx = ssl.create_default_context()
     client_ctx.check_hostname = False
     client_ctx.verify_mode = ssl.CERT_NONE
-    request = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nConnection: close\r\n\r\n"
+    request = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\n\r\n"
+    last = b"GET /api/items HTTP/1.1\r\nHost: bench.example.com\r\nConnection: close\r\n\r\n"
     session = None
     for _ in range(n):
         tcp = PipeTransport()
@@ -119,24 +122,26 @@ def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume:
             except ssl.SSLWantReadError:
                 server.data_received(outgoing.read())
                 incoming.write(tcp.take())
-        client.write(request)
-        server.data_received(outgoing.read())
-        upstream.data_received(RESPONSE)
-        incoming.write(tcp.take())
-        answer = b""
-        for _ in range(10):
-            try:
-                chunk = client.read(65536)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200") and tcp.closed, answer[:100]
+        for i in range(requests):
+            client.write(last if i == requests - 1 else request)
+            server.data_received(outgoing.read())
+            upstream.data_received(RESPONSE)
+            incoming.write(tcp.take())
+            answer = b""
+            for _ in range(10):
+                try:
+                    chunk = client.read(65536)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+            if not upstream.idle_list:
+                upstream.idle_list.append(upstream)
+        assert tcp.closed
         session = client.session
         server.connection_lost(None)
-        if not upstream.idle_list:
-            upstream.idle_list.append(upstream)
 
 
 class CountingTransport(asyncio.Transport):
@@ -195,6 +200,8 @@ def main() -> int:
     parser.add_argument("--tls-connections", type=int, default=0, metavar="N",
                         help="N new TLS connections of one request each, instead of exchanges")
     parser.add_argument("--resume", action="store_true", help="with --tls-connections: resumed")
+    parser.add_argument("--tls-requests", type=int, default=1, metavar="R",
+                        help="with --tls-connections: R keep-alive requests on each")
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     # One client connection carries every exchange: no cap on its requests.
@@ -223,11 +230,12 @@ def main() -> int:
     idle.append(upstream)
     if args.tls_connections:
         started = time.perf_counter()
-        tls_connections(dp, upstream, args.tls_connections, args.resume)
+        tls_connections(dp, upstream, args.tls_connections, args.resume, args.tls_requests)
         elapsed = time.perf_counter() - started
         print(f"build: {'compiled' if compiled() else 'pure Python'}")
         print(f"{elapsed / args.tls_connections * 1e6:.1f} us per TLS connection, client included "
-              f"({args.tls_connections}, {'resumed' if args.resume else 'full'} handshakes)")  # fmt: skip
+              f"({args.tls_connections}, {'resumed' if args.resume else 'full'} handshakes, "
+              f"{args.tls_requests} request(s) each)")  # fmt: skip
         return 0
     client = ClientConnection(dp, b"http", b"80")
     down_transport = CountingTransport()

@@ -4,6 +4,7 @@
 cdef class TLSServerTransport:
     cdef public object app, app_factory, context, dp, loop, plain_refusal
     cdef public object tcp, tls, incoming, outgoing
+    cdef public object in_write, out_read, tcp_write, tls_pending, tls_read, tls_write
     cdef public double deadline
     cdef public bint closing, eof, fresh, handshaking, paused
     cdef public Py_ssize_t lingering

@@ -56,6 +56,7 @@ class TLSServerTransport:
     __slots__ = (
         "app", "app_factory", "closing", "context", "deadline", "dp", "eof", "fresh", "handshaking",
         "incoming", "loop", "outgoing", "paused", "plain_refusal", "lingering", "tcp", "tls",
+        "in_write", "out_read", "tcp_write", "tls_pending", "tls_read", "tls_write",
     )  # fmt: skip
 
     def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], Any], dp: Any,
@@ -73,6 +74,13 @@ class TLSServerTransport:
         self.tls: Any = None
         self.incoming: Any = None
         self.outgoing: Any = None
+        # Bound once per connection (each lookup per record costs a bound method's allocation):
+        self.in_write: Any = None  # incoming.write, from the connection's start
+        self.tls_read: Any = None  # the _ssl object's read, write and pending, and
+        self.tls_write: Any = None  # outgoing.read and tcp.write: from the handshake's end
+        self.tls_pending: Any = None
+        self.out_read: Any = None
+        self.tcp_write: Any = None
         self.handshaking = True
         self.fresh = True  # no byte arrived yet
         self.closing = False
@@ -84,10 +92,11 @@ class TLSServerTransport:
 
     def connection_made(self, transport: Any) -> None:
         self.tcp = transport
-        self.incoming = ssl.MemoryBIO()
+        incoming = self.incoming = ssl.MemoryBIO()
+        self.in_write = incoming.write
         self.outgoing = ssl.MemoryBIO()
         try:
-            self.tls = _wrap(self.context, self.incoming, self.outgoing)
+            self.tls = _wrap(self.context, incoming, self.outgoing)
         except (ssl.SSLError, ValueError) as exc:
             log.warning("cannot start TLS on a client connection: %s", exc)
             transport.abort()
@@ -105,7 +114,7 @@ class TLSServerTransport:
             if self.lingering < 0:
                 self.tcp.close()
             return
-        self.incoming.write(data)
+        self.in_write(data)
         if not self.paused and not self.closing:
             self._read()
 
@@ -121,6 +130,8 @@ class TLSServerTransport:
         self.dp.handshaking.discard(self)
         app = self.app
         self.tcp = self.tls = self.app = self.app_factory = None  # no cycles left to collect
+        self.in_write = self.out_read = self.tcp_write = None
+        self.tls_read = self.tls_write = self.tls_pending = None
         if app is not None:
             app.connection_lost(exc)
 
@@ -157,6 +168,8 @@ class TLSServerTransport:
             return
         self.handshaking = False
         self.dp.handshaking.discard(self)
+        self.tls_read, self.tls_write, self.tls_pending = tls.read, tls.write, tls.pending
+        self.out_read, self.tcp_write = self.outgoing.read, self.tcp.write
         self._flush()  # the server's last flight, session tickets
         app = self.app = self.app_factory()
         app.connection_made(self)
@@ -194,8 +207,9 @@ class TLSServerTransport:
 
     def _read(self) -> None:
         """Decrypt what arrived and give it to the codec in one call."""
-        tls = self.tls
         incoming = self.incoming
+        read = self.tls_read
+        pending = self.tls_pending
         first: bytes | None = None
         more: list[bytes] | None = None
         ended = False
@@ -203,10 +217,12 @@ class TLSServerTransport:
             # Read while whole records may wait: a read past the last one would raise
             # SSLWantReadError, an exception per read (uvloop's check too).
             for _ in range(1 << 16):  # bounded: each turn consumes a record
-                if not incoming.pending and not tls.pending():
+                waiting = incoming.pending
+                buffered = pending()
+                if not waiting and not buffered:
                     break
-                size = incoming.pending + tls.pending() + READ_SLACK
-                chunk = tls.read(size if size < MAX_RECORD else MAX_RECORD)
+                size = waiting + buffered + READ_SLACK
+                chunk = read(size if size < MAX_RECORD else MAX_RECORD)
                 if not chunk:
                     ended = True  # close_notify
                     break
@@ -247,15 +263,15 @@ class TLSServerTransport:
     # -- the codec's transport ------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.closing or self.tls is None:
+        if self.closing or self.tls_write is None:
             return
         try:
-            self.tls.write(data)  # all of it: memory BIOs never refuse a write
+            self.tls_write(data)  # all of it: memory BIOs never refuse a write
         except ssl.SSLError as exc:
             log.debug("TLS error on a client connection: %s", exc)
             self.abort()
             return
-        self.tcp.write(self.outgoing.read())
+        self.tcp_write(self.out_read())
 
     def writelines(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
