@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Memory per idle HTTPS keep-alive connection, edgeproxy against nginx in the same run.
+
+Each round starts each proxy afresh (one worker, pinned to core 0; the backend an nginx on
+core 1), warms it with a few connections, then opens --idle TLS connections (TLS 1.3, the same
+ECDSA P-256 certificate for both), one request each, holds them, and reports the growth of the
+proxy's process tree's RSS divided by --idle. The kernel's socket buffers are not in it.
+
+    python benchmarks/tls_memory.py [--idle 3000] [--rounds 3] [--python PY] [--compare PY]
+
+Medians over rounds. Loopback only. Writes results/tls_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_vs_nginx import (  # noqa: E402  # fmt: skip
+    HOST,
+    PATH,
+    ROOT,
+    build_of,
+    ensure_tools,
+    free_port,
+    manifests,
+    start_nginx,
+    wait_port,
+    wait_ready,
+)
+from resources import rss_kib  # noqa: E402
+
+
+async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """`count` HTTPS keep-alive connections, each after one complete request, held open."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    writers: list[asyncio.StreamWriter] = []
+    gate = asyncio.Semaphore(100)
+
+    async def one() -> None:
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                           server_hostname=HOST)  # fmt: skip
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writers.append(writer)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return writers
+
+
+def idle_figure(pid: int, port: int, count: int) -> float:
+    async def run() -> float:
+        for writer in await open_idle(port, 50):  # warm: code paths, pools, the SNI context
+            writer.close()
+        await asyncio.sleep(1.0)
+        before = rss_kib(pid)
+        writers = await open_idle(port, count)
+        await asyncio.sleep(1.5)  # let the proxy settle (lazy frees, its sweep)
+        after = rss_kib(pid)
+        for writer in writers:
+            writer.close()
+        return (after - before) / count
+
+    return asyncio.run(run())
+
+
+def start_proxy(name: str, python: str, work: Path, backend_port: int, tls: tuple[bytes, bytes],
+                idle: int) -> tuple[subprocess.Popen[bytes], int]:  # fmt: skip
+    port = free_port()
+    if name == "nginx":
+        proc = start_nginx(work, f"proxy-{port}", f"""
+  upstream api {{ server 127.0.0.1:{backend_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096 ssl;
+    server_name {HOST};
+    ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;
+    location /api {{ proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}""", 0, connections=idle + 1000)  # fmt: skip
+        wait_port(port)
+        return proc, port
+    admin = free_port()
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", python, "-m", "edgeproxy.cli", "run",
+         "--manifests", str(manifests(work, backend_port, 0, tls)), "--https", f"127.0.0.1:{port}",
+         "--admin", f"127.0.0.1:{admin}", "--workers", "1", "--access-log", "off",
+         "--log-level", "warning"], cwd=work)  # fmt: skip
+    wait_ready(admin, 120)
+    return proc, port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=3000)
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter whose installed edgeproxy is measured (default: this one)")
+    parser.add_argument("--compare", metavar="PYTHON",
+                        help="also the edgeproxy installed for this interpreter, in the same rounds")
+    args = parser.parse_args()
+    ensure_tools()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < args.idle + 1000:
+        print(f"RLIMIT_NOFILE hard limit {hard} is below what --idle needs", file=sys.stderr)
+        return 2
+    variants = {"nginx": "", "edgeproxy": args.python}
+    print(f"edgeproxy build measured: {build_of(args.python)}", flush=True)
+    if args.compare:
+        variants["edgeproxy-compare"] = args.compare
+        print(f"edgeproxy-compare build: {build_of(args.compare)}", flush=True)
+    from edgeproxy.tls import self_signed_pem
+
+    tls = self_signed_pem(HOST)
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="edgeproxy-tls-memory-") as tmp:
+        work = Path(tmp)
+        (work / "cert.pem").write_bytes(tls[0])
+        (work / "key.pem").write_bytes(tls[1])
+        backend_port = free_port()
+        backend = start_nginx(work, "backend", f"""
+  server {{ listen 127.0.0.1:{backend_port} backlog=4096;
+           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1)  # fmt: skip
+        try:
+            wait_port(backend_port)
+            names = list(variants)
+            for r in range(args.rounds):
+                for name in (names if r % 2 == 0 else list(reversed(names))):
+                    proc, port = start_proxy(name, variants[name], work, backend_port, tls, args.idle)
+                    try:
+                        results[name].append(idle_figure(proc.pid, port, args.idle))
+                        print(f"round {r + 1} {name}: {results[name][-1]:.1f} KiB per idle HTTPS "
+                              f"connection", flush=True)  # fmt: skip
+                    finally:
+                        proc.terminate()
+                        proc.wait(10)
+                    time.sleep(0.5)
+        finally:
+            backend.terminate()
+            backend.wait(10)
+    medians = {name: statistics.median(v) for name, v in results.items()}
+    print(f"\nmedians over {args.rounds} rounds, {args.idle} idle HTTPS connections:")
+    for name, kib in medians.items():
+        print(f"  {name:18} {kib:6.1f} KiB per connection  {kib / medians['nginx']:.2f}x nginx")
+    out = ROOT / "results" / "tls_memory.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"build": build_of(args.python), "args": vars(args),
+                               "rounds": results, "medians": medians}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
