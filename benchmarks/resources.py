@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import resource
+import ssl
 import statistics
 import subprocess
 import sys
@@ -59,15 +60,17 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
-    """`count` keep-alive connections, each after one complete request, held open."""
+async def open_idle(port: int, count: int, tls: ssl.SSLContext | None = None) -> list[asyncio.StreamWriter]:  # fmt: skip
+    """`count` keep-alive connections (over TLS with `tls`), each after one complete request,
+    held open."""
     request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
     writers: list[asyncio.StreamWriter] = []
-    gate = asyncio.Semaphore(200)
+    gate = asyncio.Semaphore(200 if tls is None else 100)
 
     async def one() -> None:
         async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls, server_hostname=HOST if tls is not None else None)  # fmt: skip
             writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
@@ -78,10 +81,16 @@ async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-def idle_figure(pid: int, port: int, count: int) -> float:
+def idle_figure(pid: int, port: int, count: int, tls: ssl.SSLContext | None = None,
+                warm: int = 0) -> float:  # fmt: skip
+    """KiB of the proxy's RSS per idle connection, after `warm` connections opened and closed."""
     async def run() -> float:
+        if warm:
+            for writer in await open_idle(port, warm, tls):  # code paths, pools, SNI contexts
+                writer.close()
+            await asyncio.sleep(1.0)
         before = rss_kib(pid)
-        writers = await open_idle(port, count)
+        writers = await open_idle(port, count, tls)
         await asyncio.sleep(1.0)  # let the proxy settle (lazy frees, its sweep)
         after = rss_kib(pid)
         for w in writers:
@@ -211,10 +220,18 @@ def start_proxy(name: str, work: Path, backend_port: int, args: argparse.Namespa
   }}""", 0, connections=args.idle + args.slow + 1000)  # fmt: skip
         wait_port(port)
         return proc, port
-    admin = free_port()
+    return start_edgeproxy(args.python, work, backend_port)
+
+
+def start_edgeproxy(python: str, work: Path, backend_port: int,
+                    tls: tuple[bytes, bytes] | None = None) -> tuple[subprocess.Popen[bytes], int]:  # fmt: skip
+    """The edgeproxy installed for `python`, one worker on core 0, access log off; HTTPS with
+    `tls` (certificate and key PEM). -> (process, its listening port)."""
+    port, admin = free_port(), free_port()
     proc = subprocess.Popen(
-        ["taskset", "-c", "0", args.python, "-m", "edgeproxy.cli", "run",
-         "--manifests", str(manifests(work, backend_port, 0)), "--http", f"127.0.0.1:{port}",
+        ["taskset", "-c", "0", python, "-m", "edgeproxy.cli", "run",
+         "--manifests", str(manifests(work, backend_port, 0, tls)),
+         "--https" if tls else "--http", f"127.0.0.1:{port}",
          "--admin", f"127.0.0.1:{admin}", "--workers", "1", "--access-log", "off",
          "--log-level", "warning"], cwd=work)  # fmt: skip
     wait_ready(admin, 120)

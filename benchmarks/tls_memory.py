@@ -14,7 +14,6 @@ Medians over rounds. Loopback only. Writes results/tls_memory.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import resource
 import ssl
@@ -28,56 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_vs_nginx import (  # noqa: E402  # fmt: skip
     HOST,
-    PATH,
     ROOT,
     build_of,
     ensure_tools,
     free_port,
-    manifests,
     start_nginx,
     wait_port,
-    wait_ready,
 )
-from resources import rss_kib  # noqa: E402
-
-
-async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
-    """`count` HTTPS keep-alive connections, each after one complete request, held open."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
-    writers: list[asyncio.StreamWriter] = []
-    gate = asyncio.Semaphore(100)
-
-    async def one() -> None:
-        async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                                           server_hostname=HOST)  # fmt: skip
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            writers.append(writer)
-
-    await asyncio.gather(*(one() for _ in range(count)))
-    return writers
-
-
-def idle_figure(pid: int, port: int, count: int) -> float:
-    async def run() -> float:
-        for writer in await open_idle(port, 50):  # warm: code paths, pools, the SNI context
-            writer.close()
-        await asyncio.sleep(1.0)
-        before = rss_kib(pid)
-        writers = await open_idle(port, count)
-        await asyncio.sleep(1.5)  # let the proxy settle (lazy frees, its sweep)
-        after = rss_kib(pid)
-        for writer in writers:
-            writer.close()
-        return (after - before) / count
-
-    return asyncio.run(run())
+from resources import idle_figure, start_edgeproxy  # noqa: E402
 
 
 def start_proxy(name: str, python: str, work: Path, backend_port: int, tls: tuple[bytes, bytes],
@@ -95,14 +52,7 @@ def start_proxy(name: str, python: str, work: Path, backend_port: int, tls: tupl
   }}""", 0, connections=idle + 1000)  # fmt: skip
         wait_port(port)
         return proc, port
-    admin = free_port()
-    proc = subprocess.Popen(
-        ["taskset", "-c", "0", python, "-m", "edgeproxy.cli", "run",
-         "--manifests", str(manifests(work, backend_port, 0, tls)), "--https", f"127.0.0.1:{port}",
-         "--admin", f"127.0.0.1:{admin}", "--workers", "1", "--access-log", "off",
-         "--log-level", "warning"], cwd=work)  # fmt: skip
-    wait_ready(admin, 120)
-    return proc, port
+    return start_edgeproxy(python, work, backend_port, tls)
 
 
 def main() -> int:
@@ -128,6 +78,9 @@ def main() -> int:
     from edgeproxy.tls import self_signed_pem
 
     tls = self_signed_pem(HOST)
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # the self-signed certificate
     results: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="edgeproxy-tls-memory-") as tmp:
         work = Path(tmp)
@@ -144,7 +97,7 @@ def main() -> int:
                 for name in (names if r % 2 == 0 else list(reversed(names))):
                     proc, port = start_proxy(name, variants[name], work, backend_port, tls, args.idle)
                     try:
-                        results[name].append(idle_figure(proc.pid, port, args.idle))
+                        results[name].append(idle_figure(proc.pid, port, args.idle, client, warm=50))
                         print(f"round {r + 1} {name}: {results[name][-1]:.1f} KiB per idle HTTPS "
                               f"connection", flush=True)  # fmt: skip
                     finally:
