@@ -223,6 +223,16 @@ def start_proxy(name: str, work: Path, backend_port: int, args: argparse.Namespa
     return start_edgeproxy(args.python, work, backend_port)
 
 
+def start_backend(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The backend: an nginx on core 1 answering every request with a line."""
+    port = free_port()
+    proc = start_nginx(work, "backend", f"""
+  server {{ listen 127.0.0.1:{port} backlog=4096;
+           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1)  # fmt: skip
+    wait_port(port)
+    return proc, port
+
+
 def start_edgeproxy(python: str, work: Path, backend_port: int,
                     tls: tuple[bytes, bytes] | None = None) -> tuple[subprocess.Popen[bytes], int]:  # fmt: skip
     """The edgeproxy installed for `python`, one worker on core 0, access log off; HTTPS with
@@ -257,12 +267,8 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="edgeproxy-resources-") as tmp:
         work = Path(tmp)
-        backend_port = free_port()
-        backend = start_nginx(work, "backend", f"""
-  server {{ listen 127.0.0.1:{backend_port} backlog=4096;
-           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1)  # fmt: skip
+        backend, backend_port = start_backend(work)
         try:
-            wait_port(backend_port)
             names = ["nginx", "edgeproxy"]
             for r in range(args.rounds):
                 results.setdefault("uvloop-floor", {}).setdefault("idle_kib_per_conn", []).append(floor_figure(args.idle))

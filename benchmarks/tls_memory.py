@@ -34,7 +34,7 @@ from http_vs_nginx import (  # noqa: E402  # fmt: skip
     start_nginx,
     wait_port,
 )
-from resources import idle_figure, start_edgeproxy  # noqa: E402
+from resources import idle_figure, start_backend, start_edgeproxy  # noqa: E402
 
 
 def start_proxy(name: str, python: str, work: Path, backend_port: int, tls: tuple[bytes, bytes],
@@ -86,12 +86,8 @@ def main() -> int:
         work = Path(tmp)
         (work / "cert.pem").write_bytes(tls[0])
         (work / "key.pem").write_bytes(tls[1])
-        backend_port = free_port()
-        backend = start_nginx(work, "backend", f"""
-  server {{ listen 127.0.0.1:{backend_port} backlog=4096;
-           location / {{ default_type text/plain; return 200 "hello from the backend\\n"; }} }}""", 1)  # fmt: skip
+        backend, backend_port = start_backend(work)
         try:
-            wait_port(backend_port)
             names = list(variants)
             for r in range(args.rounds):
                 for name in (names if r % 2 == 0 else list(reversed(names))):
