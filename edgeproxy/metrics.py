@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from edgeproxy.proxy.observe import BUCKETS, METHODS, N_BUCKETS, N_CLASSES, STATUS_CLASSES
+from edgeproxy.proxy.tls_server import HANDSHAKE_RESULTS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTE_LABELS = ("namespace", "ingress", "service")
@@ -48,6 +49,7 @@ class WorkerTotals:
         self.retries = 0
         self.connects = 0
         self.access_log_dropped = 0
+        self.tls_handshakes = [0, 0, 0, 0]  # by tls_server.HANDSHAKE_RESULTS
         # Gauges: live workers only.
         self.connections = 0
         self.connections_shed = 0
@@ -59,7 +61,8 @@ class WorkerTotals:
         other = WorkerTotals()
         other.retire({"status": self.status, "routes": self.routes, "services": self.services,
                       "retries": self.retries, "connects": self.connects,
-                      "access_log_dropped": self.access_log_dropped})  # fmt: skip
+                      "access_log_dropped": self.access_log_dropped,
+                      "tls_handshakes": self.tls_handshakes})  # fmt: skip
         return other
 
     def retire(self, stats: dict[str, Any]) -> None:
@@ -87,6 +90,7 @@ class WorkerTotals:
         self.retries += get("retries", 0) or 0
         self.connects += get("connects", 0) or 0
         self.access_log_dropped += get("access_log_dropped", 0) or 0
+        _add_lists(self.tls_handshakes, get("tls_handshakes") or [])
         if gauges:
             self.connections += get("connections", 0) or 0
             self.connections_shed += get("connections_shed", 0) or 0
@@ -178,6 +182,13 @@ class WorkerCollector(Collector):
         yield GaugeMetricFamily("edgeproxy_upstream_connections",
                                 "Open upstream connections (idle in pools and in use).",
                                 value=totals.upstream_connections)  # fmt: skip
+        handshakes = CounterMetricFamily(
+            "edgeproxy_tls_handshakes", "TLS handshakes on the HTTPS listeners, by how they ended: "
+            "completed, failed (refused or broken), timed_out (--client-header-timeout), plain_http "
+            "(a plain HTTP request on the TLS port, answered 400).", labels=["result"])  # fmt: skip
+        for result, n in zip(HANDSHAKE_RESULTS, totals.tls_handshakes, strict=True):
+            handshakes.add_metric([result], n)
+        yield handshakes
         yield CounterMetricFamily("edgeproxy_access_log_dropped_lines",
                                   "Access log lines dropped because the log's reader fell behind.",
                                   value=totals.access_log_dropped)  # fmt: skip

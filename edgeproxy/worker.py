@@ -171,6 +171,7 @@ class Worker:
             "accept_paused": int(dp.accept_paused),
             "status": {code: n for code, n in enumerate(dp.status_counts) if n},
             "retries": dp.retries,
+            "tls_handshakes": list(dp.tls_results),
             "connects": dp.pool.connects,
             "connections": len(dp.connections),
             "upstream_connections": upstream_open,

@@ -535,7 +535,10 @@ async def test_plain_http_on_the_https_port_is_answered_400(ca: trustme.CA, pods
 
 async def test_a_client_that_never_finishes_its_handshake_is_closed_after_the_header_timeout(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip
     """The handshake is bounded by --client-header-timeout (as nginx's client_header_timeout
-    was before ssl_handshake_timeout), not left open for the loop's 60 s."""
+    was before ssl_handshake_timeout), not left open for the loop's 60 s; and each way a
+    handshake ends is counted in edgeproxy_tls_handshakes_total."""
+    from tests.test_observability import scrape, value
+
     port = await pods.start("127.0.0.2")
     proxy = await proxy_factory(simple_site(port, "127.0.0.2"), "--client-header-timeout", "1",
                                 https=True)  # fmt: skip
@@ -545,6 +548,22 @@ async def test_a_client_that_never_finishes_its_handshake_is_closed_after_the_he
         assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the server
     finally:
         writer.close()
+    _, client = await handshake(proxy.https, "x")  # completed
+    await client.close()
+    for hello in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # plain_http
+                  b"\x16\x03\x01\x00\x05hello"):  # failed: not a ClientHello
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https)
+        writer.write(hello)
+        await asyncio.wait_for(reader.read(), 10)  # to the server's close
+        writer.close()
+    expected = {"completed": 1, "failed": 1, "timed_out": 1, "plain_http": 1}
+
+    async def counted() -> bool:
+        families = await scrape(proxy.admin)
+        return all(value(families, "edgeproxy_tls_handshakes_total", result=result) == n
+                   for result, n in expected.items())  # fmt: skip
+
+    await eventually(counted, 20, "the handshake counters")
 
 
 async def test_a_slow_https_client_holds_the_upstream_back(ca: trustme.CA, pods: Pods, proxy_factory: Any) -> None:  # fmt: skip

@@ -21,7 +21,7 @@ cdef class Dataplane:
     cdef public double _last_shrink
     cdef public object accept_hook
     cdef public set connections, handshaking
-    cdef public list status_counts
+    cdef public list status_counts, tls_results
     cdef public Py_ssize_t retries, rid_counter
     cdef public bint draining
     cdef public dict bindings, key_refs, route_memo, host_names, balancer_types

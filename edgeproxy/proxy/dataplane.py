@@ -54,6 +54,7 @@ class Dataplane:
                                  settings.max_upstream_header_bytes)  # fmt: skip
         self.connections: set[Any] = set()  # client connections, for the deadline sweep
         self.handshaking: set[Any] = set()  # TLS connections not handed to a codec yet, too
+        self.tls_results: list[int] = [0, 0, 0, 0]  # handshakes by end (tls_server.HANDSHAKE_RESULTS)
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
         self.connection_infos: dict[Any, Any] = {}  # (port, client ip) -> ConnectionInfo, shared
         self._last_shrink = 0.0

@@ -36,6 +36,10 @@ READ_SLACK = 256  # a record's plaintext is shorter than its ciphertext; slack a
 TLS_HANDSHAKE_RECORD = 0x16
 LINGER_BYTES = 64 * 1024  # what a refused plain-HTTP client may still send, read and dropped
 
+# How handshakes ended, counted in the data plane's tls_results (edgeproxy_tls_handshakes_total).
+COMPLETED, FAILED, TIMED_OUT, PLAIN_HTTP = 0, 1, 2, 3
+HANDSHAKE_RESULTS = ("completed", "failed", "timed_out", "plain_http")
+
 # ssl.SSLContext._wrap_bio gives the _ssl object itself; ssl.SSLObject only forwards to it.
 _WRAP_RAW = hasattr(ssl.SSLContext, "_wrap_bio")
 
@@ -99,6 +103,7 @@ class TLSServerTransport:
             self.tls = _wrap(self.context, incoming, self.outgoing)
         except (ssl.SSLError, ValueError) as exc:
             log.warning("cannot start TLS on a client connection: %s", exc)
+            self.dp.tls_results[FAILED] += 1
             transport.abort()
             return
         dp = self.dp
@@ -167,7 +172,9 @@ class TLSServerTransport:
             self._handshake_failed(str(exc))
             return
         self.handshaking = False
-        self.dp.handshaking.discard(self)
+        dp = self.dp
+        dp.handshaking.discard(self)
+        dp.tls_results[COMPLETED] += 1
         self.tls_read, self.tls_write, self.tls_pending = tls.read, tls.write, tls.pending
         self.out_read, self.tcp_write = self.outgoing.read, self.tcp.write
         self._flush()  # the server's last flight, session tickets
@@ -178,6 +185,7 @@ class TLSServerTransport:
 
     def _handshake_failed(self, reason: str) -> None:
         log.debug("TLS handshake failed: %s", reason)
+        self.dp.tls_results[FAILED] += 1
         self.closing = True
         self._flush()  # the alert, if OpenSSL made one
         self.tcp.close()
@@ -186,6 +194,7 @@ class TLSServerTransport:
         """Plain HTTP on the TLS port: answered in plain text, then a lingering close so that
         what the client still sends cannot reset the answer away (as the codec's errors)."""
         assert self.plain_refusal is not None
+        self.dp.tls_results[PLAIN_HTTP] += 1
         self.closing = True
         self.handshaking = False
         self.lingering = LINGER_BYTES
@@ -200,6 +209,8 @@ class TLSServerTransport:
         """The handshake (or the lingering after a plain-HTTP refusal) took too long."""
         self.dp.handshaking.discard(self)
         if self.tcp is not None and (self.handshaking or self.lingering >= 0):
+            if self.handshaking:
+                self.dp.tls_results[TIMED_OUT] += 1
             self.closing = True
             self.tcp.abort()
 
