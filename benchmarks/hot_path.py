@@ -53,43 +53,6 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 14:00:0
             b"hello from the backend\n")
 
 
-class PipeTransport(asyncio.Transport):
-    """The TCP side of a TLS connection: keeps what is written, for the client to read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:  # type: ignore[override]
-        self.out.append(data)
-
-    def take(self) -> bytes:
-        data, self.out = b"".join(self.out), []
-        return data
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def tls_connections(dp: Dataplane, upstream: UpstreamConnection, n: int, resume: bool,
                     requests: int = 1) -> None:  # fmt: skip
     """n connections: handshake, `requests` requests (the last with Connection: close), their
@@ -168,6 +131,34 @@ class CountingTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         pass
+
+
+class PipeTransport(CountingTransport):
+    """The TCP side of a TLS connection: keeps what is written, for the client to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.out.append(data)
+
+    def take(self) -> bytes:
+        data, self.out = b"".join(self.out), []
+        return data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
 
 
 def objects() -> list[dict]:

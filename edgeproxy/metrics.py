@@ -49,7 +49,7 @@ class WorkerTotals:
         self.retries = 0
         self.connects = 0
         self.access_log_dropped = 0
-        self.tls_handshakes = [0, 0, 0, 0]  # by tls_server.HANDSHAKE_RESULTS
+        self.tls_handshakes = [0] * len(HANDSHAKE_RESULTS)
         # Gauges: live workers only.
         self.connections = 0
         self.connections_shed = 0

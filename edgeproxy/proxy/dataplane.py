@@ -25,6 +25,7 @@ from edgeproxy.proxy.headers import hex16
 from edgeproxy.proxy.local import DateHeader
 from edgeproxy.proxy.observe import UNROUTED, RouteFigures, ServiceFigures
 from edgeproxy.proxy.pool import UpstreamPool
+from edgeproxy.proxy.tls_server import HANDSHAKE_RESULTS
 from edgeproxy.routing import EMPTY_TABLE, Cluster, Route, RouteTable, TransportProfile
 
 POOL_SWEEP_INTERVAL = 1.0
@@ -54,7 +55,7 @@ class Dataplane:
                                  settings.max_upstream_header_bytes)  # fmt: skip
         self.connections: set[Any] = set()  # client connections, for the deadline sweep
         self.handshaking: set[Any] = set()  # TLS connections not handed to a codec yet, too
-        self.tls_results: list[int] = [0, 0, 0, 0]  # handshakes by end (tls_server.HANDSHAKE_RESULTS)
+        self.tls_results: list[int] = [0] * len(HANDSHAKE_RESULTS)  # handshakes by how they ended
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
         self.connection_infos: dict[Any, Any] = {}  # (port, client ip) -> ConnectionInfo, shared
         self._last_shrink = 0.0

@@ -2,7 +2,7 @@
 # extension type; uvloop calls its protocol methods, the codec its transport methods.
 
 cdef class TLSServerTransport:
-    cdef public object app, app_factory, context, dp, loop, plain_refusal
+    cdef public object app, app_factory, context, dp, plain_refusal
     cdef public object tcp, tls, incoming, outgoing
     cdef public object in_write, out_read, tcp_write, tls_pending, tls_read, tls_write
     cdef public double deadline

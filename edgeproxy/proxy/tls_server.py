@@ -21,7 +21,6 @@ codec, and the negotiated ALPN protocol can choose it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import Callable
@@ -37,8 +36,8 @@ TLS_HANDSHAKE_RECORD = 0x16
 LINGER_BYTES = 64 * 1024  # what a refused plain-HTTP client may still send, read and dropped
 
 # How handshakes ended, counted in the data plane's tls_results (edgeproxy_tls_handshakes_total).
-COMPLETED, FAILED, TIMED_OUT, PLAIN_HTTP = 0, 1, 2, 3
 HANDSHAKE_RESULTS = ("completed", "failed", "timed_out", "plain_http")
+COMPLETED, FAILED, TIMED_OUT, PLAIN_HTTP = range(len(HANDSHAKE_RESULTS))
 
 # ssl.SSLContext._wrap_bio gives the _ssl object itself; ssl.SSLObject only forwards to it.
 _WRAP_RAW = hasattr(ssl.SSLContext, "_wrap_bio")
@@ -59,7 +58,7 @@ class TLSServerTransport:
 
     __slots__ = (
         "app", "app_factory", "closing", "context", "deadline", "dp", "eof", "fresh", "handshaking",
-        "incoming", "loop", "outgoing", "paused", "plain_refusal", "lingering", "tcp", "tls",
+        "incoming", "outgoing", "paused", "plain_refusal", "lingering", "tcp", "tls",
         "in_write", "out_read", "tcp_write", "tls_pending", "tls_read", "tls_write",
     )  # fmt: skip
 
@@ -70,7 +69,6 @@ class TLSServerTransport:
         # The data plane: its clock, its loop, and its sweep, which calls deadline_passed once
         # `deadline` is past while the handshake lasts (a timer per connection costs more).
         self.dp = dp
-        self.loop: asyncio.AbstractEventLoop = dp.loop
         self.deadline = 0.0
         self.plain_refusal = plain_refusal  # the answer to plain HTTP on this port
         self.app: Any = None  # the codec, once the handshake is done
@@ -162,7 +160,7 @@ class TLSServerTransport:
                 else:
                     self._handshake_failed("not a TLS handshake")
                 return
-        self.incoming.write(data)
+        self.in_write(data)
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -255,7 +253,7 @@ class TLSServerTransport:
         app = self.app
         if first is not None and app is not None:
             app.data_received(first if more is None else b"".join(more))
-        if ended and not self.eof and not self.closing:
+        if ended and not self.closing:
             self._input_ended()
 
     def _input_ended(self) -> None:
@@ -323,8 +321,8 @@ class TLSServerTransport:
         self.paused = False
         if self.tcp is not None and not self.closing:
             self.tcp.resume_reading()
-            if self.incoming.pending or self.tls.pending():
-                self.loop.call_soon(self._read_again)
+            if self.incoming.pending or self.tls_pending():
+                self.dp.loop.call_soon(self._read_again)
 
     def _read_again(self) -> None:
         if not self.paused and not self.closing and self.tls is not None:
