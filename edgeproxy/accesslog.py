@@ -51,8 +51,9 @@ def open_target(target: str) -> tuple[int, bool, socket.socket | None]:
 
 
 class LineLogPy:
-    """The hot part: format the line onto the end of `buf`, or count it dropped when the
-    reader is too far behind (the C twin, _accesslog.LineLog, is used when compiled)."""
+    """The hot part: format the line onto the end of the pending bytes, or count it dropped
+    when the reader is too far behind (the C twin, _accesslog.LineLog, is used when compiled;
+    flush() below uses the same five calls on either)."""
 
     def __init__(self, max_pending: int, batch: int) -> None:
         self.buf = bytearray()  # lines not written yet
@@ -68,6 +69,26 @@ class LineLogPy:
         self.buf += format_line_py(exchange, duration, upstream)
         if len(self.buf) >= self.batch:
             self.flush()
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def pending(self) -> memoryview:
+        return memoryview(self.buf)
+
+    def cut(self, limit: int) -> int:
+        """Bytes to write so a piece of at most `limit` ends at a line end (else the first
+        line, else all)."""
+        buf = self.buf
+        return buf.rfind(b"\n", 0, limit) + 1 or buf.find(b"\n") + 1 or len(buf)
+
+    def consume(self, n: int) -> None:
+        del self.buf[:n]
+
+    def discard(self) -> int:
+        lines = self.buf.count(b"\n")
+        del self.buf[:]
+        return lines
 
     def format_long(self, exchange: Any, duration: float, upstream: float) -> bytes:
         return format_line_py(exchange, duration, upstream)
@@ -94,7 +115,6 @@ LineLog = _line_log_class()
 
 
 class AccessLog(LineLog):  # type: ignore[valid-type, misc]
-    buf: bytearray
     dropped: int
 
     def __init__(self, target: str, loop: asyncio.AbstractEventLoop, max_pending: int) -> None:
@@ -125,16 +145,14 @@ class AccessLog(LineLog):  # type: ignore[valid-type, misc]
 
     def flush(self) -> None:
         """Write what the target takes now; keep the rest for the next flush."""
-        buf = self.buf
-        for _ in range(1 + len(buf) // PIPE_BUF):  # bounded: each turn writes or stops
-            if not buf:
+        for _ in range(1 + len(self) // PIPE_BUF):  # bounded: each turn writes or stops
+            size = len(self)
+            if not size:
                 return
-            if self.pipe:  # whole lines, at most PIPE_BUF: never interleaved with another's
-                end = buf.rfind(b"\n", 0, PIPE_BUF) + 1 or buf.find(b"\n") + 1 or len(buf)
-            else:
-                end = min(len(buf), BATCH_BYTES)
+            # A pipe takes whole lines, at most PIPE_BUF: never interleaved with another's.
+            end = self.cut(PIPE_BUF) if self.pipe else min(size, BATCH_BYTES)
             try:
-                with memoryview(buf) as view:
+                with self.pending() as view:
                     if self.sock is not None:
                         n = self.sock.send(view[:end], socket.MSG_DONTWAIT)
                     else:
@@ -143,12 +161,11 @@ class AccessLog(LineLog):  # type: ignore[valid-type, misc]
                 return
             except OSError as exc:  # the reader is gone (EPIPE) or the disk is full: drop it
                 if exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.ECONNRESET):
-                    self.dropped += buf.count(b"\n")
-                    del buf[:]
+                    self.dropped += self.discard()
                     return
                 raise
             self.written += n
-            del buf[:n]
+            self.consume(n)
             if n < end:
                 return
 

@@ -4,6 +4,7 @@ and the convergence histogram, checked against the requests really sent. Real pr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,13 @@ async def test_a_reader_that_stops_reading_costs_log_lines_not_requests(
                                 "--access-log-buffer", "16k",
                                 stdout=subprocess.PIPE)  # nobody reads it: full at 64 KiB  # fmt: skip
     client = await Client.connect(proxy.http)
-    for _ in range(600):  # ~250 bytes a line: far more than the pipe and the buffer hold
-        assert (await client.request("GET", "/", host="site.example.com")).status == 200
+    # The first line is longer than the formatter's 8 KiB window (each quote escapes to two
+    # bytes, the worst case is counted at six): it takes the long way into the buffer.
+    agent = '"' * 2000
+    assert (await client.request("GET", "/long", host="site.example.com",
+                                 headers=[("User-Agent", agent)])).status == 200  # fmt: skip
+    for i in range(600):  # ~250 bytes a line: far more than the pipe and the buffer hold
+        assert (await client.request("GET", f"/{i}", host="site.example.com")).status == 200
     await client.close()
 
     async def dropped() -> bool:
@@ -165,7 +171,24 @@ async def test_a_reader_that_stops_reading_costs_log_lines_not_requests(
 
     await eventually(dropped, timeout=5, what="dropped lines counted")
     m = await scrape(proxy.admin)
-    assert value(m, "edgeproxy_requests_total", status_class="2xx") == 600
+    assert value(m, "edgeproxy_requests_total", status_class="2xx") == 601
+
+    # Now read: what was kept comes out whole, in order, and with the dropped ones adds up.
+    stdout = proxy.proc.stdout
+    os.set_blocking(stdout.fileno(), False)
+    data = bytearray()
+
+    async def all_accounted_for() -> bool:
+        while chunk := stdout.read(1 << 16):
+            data.extend(chunk)
+        dropped = value(await scrape(proxy.admin), "edgeproxy_access_log_dropped_lines_total")
+        return data.count(b"\n") + dropped == 601
+
+    await eventually(all_accounted_for, timeout=10, what="every line written or counted dropped")
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert lines[0]["path"] == "/long" and lines[0]["user_agent"] == agent
+    paths = [int(line["path"][1:]) for line in lines[1:]]
+    assert paths == sorted(paths) and len(paths) < 600  # in order, some dropped
 
 
 async def test_the_convergence_histogram_counts_each_endpoint_slice_change(
