@@ -119,10 +119,12 @@ def test_c_and_python_scans_agree() -> None:
 
 @pytest.mark.skipif(scan_c is None, reason="not compiled")
 def test_c_join_and_request_id_digits_match_python() -> None:
-    from edgeproxy.proxy._heads import hex16, join_bytes
+    from edgeproxy.proxy._heads import join_bytes, prefixed_hex16
 
-    for value in (0, 1, 255, 2**32 + 7, 2**64 - 1):
-        assert hex16(value) == headers.hex16_py(value)
+    for prefix in (b"", b"0123456789abcdef"):
+        for value in (0, 1, 255, 2**32 + 7, 2**64 - 1):
+            assert prefixed_hex16(prefix, value) == headers.prefixed_hex16_py(prefix, value)
+    assert headers.prefixed_hex16_py(b"ab", 255) == b"ab00000000000000ff"
     parts = [b"GET", b" ", b"/a?b", b" HTTP/1.1\r\n", b"", b"X: " * 100]
     assert join_bytes(parts) == headers.join_bytes_py(parts)
     assert join_bytes([b"a", bytearray(b"b")]) == b"ab"  # not all bytes: the general join

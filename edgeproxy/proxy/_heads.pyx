@@ -1,6 +1,6 @@
 # cython: language_level=3
 """C twins of the head helpers in headers.py (scan_response_head_py, join_bytes_py,
-hex16_py): same contracts, same results (tests/test_heads.py runs both).
+prefixed_hex16_py): same contracts, same results (tests/test_heads.py runs both).
 
 scan_response_head: the response head in one pass over the bytes, with no Python object per
 line; a head whose Connection field names other fields goes to the Python version (rare).
@@ -159,11 +159,14 @@ def join_bytes(list parts):
 cdef const char* HEX = b"0123456789abcdef"
 
 
-def hex16(unsigned long long value):
-    """b"%016x" % value, without the format machinery."""
-    cdef char digits[16]
+def prefixed_hex16(bytes prefix, unsigned long long value):
+    """prefix + b"%016x" % value in one allocation: no format machinery, no concatenation."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(prefix)
+    out = PyBytes_FromStringAndSize(NULL, n + 16)
+    cdef char* dest = PyBytes_AS_STRING(out)
     cdef int i
-    for i in range(15, -1, -1):
-        digits[i] = HEX[value & 15]
+    memcpy(dest, PyBytes_AS_STRING(prefix), n)
+    for i in range(n + 15, n - 1, -1):
+        dest[i] = HEX[value & 15]
         value >>= 4
-    return PyBytes_FromStringAndSize(digits, 16)
+    return out

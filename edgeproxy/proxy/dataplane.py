@@ -21,7 +21,7 @@ from edgeproxy.config import Settings
 from edgeproxy.health import EndpointRegistry
 from edgeproxy.hosts import EndpointKey
 from edgeproxy.proxy.binding import ClusterBinding
-from edgeproxy.proxy.headers import hex16
+from edgeproxy.proxy.headers import prefixed_hex16
 from edgeproxy.proxy.local import DateHeader
 from edgeproxy.proxy.observe import UNROUTED, RouteFigures, ServiceFigures
 from edgeproxy.proxy.pool import UpstreamPool
@@ -244,7 +244,7 @@ class Dataplane:
 
     def request_id(self) -> bytes:
         self.rid_counter += 1
-        return self.rid_prefix + hex16(self.rid_counter)
+        return prefixed_hex16(self.rid_prefix, self.rid_counter)
 
     # -- the sweep ---------------------------------------------------------------------------
 

@@ -106,16 +106,16 @@ def join_bytes_py(parts: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def hex16_py(value: int) -> bytes:
-    return b"%016x" % value
+def prefixed_hex16_py(prefix: bytes, value: int) -> bytes:
+    return prefix + b"%016x" % value
 
 
 # The C versions (_heads.pyx), when setup.py could compile them.
 try:
-    from edgeproxy.proxy._heads import hex16 as hex16
     from edgeproxy.proxy._heads import join_bytes as join_bytes
+    from edgeproxy.proxy._heads import prefixed_hex16 as prefixed_hex16
     from edgeproxy.proxy._heads import scan_response_head as scan_response_head
 except ImportError:
     scan_response_head = scan_response_head_py
     join_bytes = join_bytes_py
-    hex16 = hex16_py
+    prefixed_hex16 = prefixed_hex16_py
